@@ -1,0 +1,1 @@
+"""lightly_cotap.models package."""
