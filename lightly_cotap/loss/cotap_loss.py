@@ -1,0 +1,460 @@
+"""CoTAP correspondence loss: continuous-target AP ranking of cross-image patch pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightly_cotap.loss.continuous_ap_loss import ContinuousAPLoss
+
+
+class CoTAPLoss(nn.Module):
+    """Implementation of the CoTAP patch-correspondence loss from the CoTAP paper [0].
+
+    The loss distils the teacher's patch correspondences between an image ``x`` and a
+    semantically similar neighbour image ``x+`` into the student. For every pooling
+    size ``p`` in ``pool_sizes``:
+
+    1. The patch-head outputs of every crop are average-pooled to ``p x p`` cells and
+       the cells of the ``V`` crops of an image are concatenated (``V * p * p`` cells).
+    2. The teacher foreground mask is pooled the same way and the ``top_k`` cells
+       with the highest foreground fraction are kept per image, separately for ``x``
+       and for ``x+``. Ties (e.g. many fully-foreground cells) are broken at random
+       when ``random_tie_break`` is True.
+    3. Pairs: every kept cell of ``x`` against every kept cell of its own ``x+``
+       (``top_k ** 2`` positive pairs) and against the kept cells of the ``x+`` of
+       ``num_negatives`` *other* images of the batch (``num_negatives * top_k ** 2``
+       negative pairs). The other images are drawn by a random derangement: a random
+       cyclic order of the batch in which image ``b`` takes the ``num_negatives``
+       images that follow it, so they are distinct, never ``b`` itself, and every
+       ``x+`` serves as a negative equally often.
+    4. Student cosine similarities of the pairs are the scores, teacher cosine
+       similarities the targets, and the anchor weights are
+       ``(t - weight_offset)_+ * (1 for own-pair, negative_weight for other-image
+       pairs)``. All pairs of the batch are ranked as ONE list by
+       :class:`~lightly_cotap.loss.ContinuousAPLoss` (``n = B * top_k**2 * (1 +
+       num_negatives)`` items), as in the code of the authors [1].
+
+    The result is averaged over the pooling sizes.
+
+    Inputs carry an explicit crop axis, ``(B, V, ...)``, for features *and* masks so
+    that a mask can never be paired with the wrong image or crop. (The research notes
+    flag that the authors' code reshapes the mask in a different order than the
+    features; this implementation pairs image ``b`` / crop ``v`` of the features with
+    image ``b`` / crop ``v`` of the mask.)
+
+    Differences from the authors' code [1], all documented choices:
+
+    - The ``num_negatives`` other images of an anchor are distinct (one random cyclic
+      order) instead of ``num_negatives`` independent derangements that may repeat an
+      image. If the batch has ``B <= num_negatives`` images, ``B - 1`` negatives are
+      used (none for ``B = 1``).
+    - Ties in the pooled foreground score are broken at random instead of by the
+      (unspecified) order of ``torch.topk``, which on binary masks favours the first
+      cells of the first crop.
+    - ``ContinuousAPLoss`` drops the ``1e-5`` stabilisers (see its docstring).
+
+    With ``gather_distributed=True`` the selected cells of all ranks are gathered
+    with :func:`lightly.utils.dist.gather` (gradients flow back to their rank), the
+    derangement is drawn on rank 0 and broadcast, and every rank ranks the SAME
+    global list of the whole distributed batch: negatives come from the ``x+`` of
+    images on any rank, and the loss equals the single-process loss on the
+    concatenated batch (all ranks must have the same batch size). DDP's gradient
+    averaging then yields the gradient of that global loss. The list is
+    ``world_size`` times longer, and each rank computes it (the ranking uses
+    ``ContinuousAPLoss``'s ``O(n log^2 n)`` path for long lists).
+
+    - [0]: Wen et al., Semantic Concentration for Self-Supervised Dense
+      Representations Learning, 2025, https://arxiv.org/abs/2509.09429
+    - [1]: https://github.com/KID-7391/CoTAP (``losses/intra_sample.py``)
+
+    Attributes:
+        pool_sizes: Cell grid sizes; features and masks are pooled to ``p x p``.
+        top_k: Foreground cells kept per image and pooling size.
+        num_negatives: Other images whose ``x+`` cells serve as negatives.
+        negative_weight: Factor on the anchor weight of other-image pairs.
+        random_tie_break: Break ties of the foreground score at random.
+        gather_distributed: Rank one list over the batches of all ranks.
+        ranking_loss: The :class:`ContinuousAPLoss` that ranks the list.
+
+    Examples:
+        >>> loss_fn = CoTAPLoss()
+        >>> # patch-head outputs of the 2 global crops of x and of x+ (B images)
+        >>> student_x = torch.randn(8, 2, 512, 14, 14, requires_grad=True)
+        >>> loss = loss_fn(
+        ...     student_x=student_x,
+        ...     student_pos=student_pos,
+        ...     teacher_x=teacher_x,
+        ...     teacher_pos=teacher_pos,
+        ...     fg_mask_x=fg_x,  # (8, 2, 14, 14) bool
+        ...     fg_mask_pos=fg_pos,
+        ... )
+    """
+
+    def __init__(
+        self,
+        pool_sizes: Sequence[int] = (7, 14),
+        top_k: int = 5,
+        num_negatives: int = 5,
+        negative_weight: float = 0.1,
+        tau: float = 0.5,
+        kappa: float = 1.0,
+        weight_offset: float = -0.2,
+        random_tie_break: bool = True,
+        gather_distributed: bool = False,
+    ) -> None:
+        """Initializes the CoTAPLoss with the specified parameters.
+
+        Args:
+            pool_sizes: Non-empty sequence of positive cell-grid sizes. Each must not
+                exceed the feature grid passed to ``forward``.
+            top_k: Number of foreground cells kept per image, >= 1 (clamped to the
+                number of cells).
+            num_negatives: Number of other images used as negatives, >= 0 (clamped
+                to ``B - 1``).
+            negative_weight: Anchor-weight factor of other-image pairs, >= 0.
+            tau: Margin of the ranking surrogate (see ``ContinuousAPLoss``).
+            kappa: Multiplier of ``NEG / POS`` (see ``ContinuousAPLoss``).
+            weight_offset: Anchor weights are ``(t - weight_offset)_+``.
+            random_tie_break: Break ties of the pooled foreground score at random.
+            gather_distributed: Gather the selected cells of all ranks and rank one
+                global list.
+
+        Raises:
+            ValueError: If an argument is out of range, or ``gather_distributed`` is
+                set and torch.distributed is not available.
+        """
+        super().__init__()
+        sizes = tuple(pool_sizes)
+        if len(sizes) == 0 or any(
+            not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in sizes
+        ):
+            raise ValueError(
+                "pool_sizes must be a non-empty sequence of positive ints, got "
+                f"pool_sizes={pool_sizes!r}."
+            )
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got top_k={top_k}.")
+        if num_negatives < 0:
+            raise ValueError(
+                f"num_negatives must be >= 0, got num_negatives={num_negatives}."
+            )
+        if not negative_weight >= 0:
+            raise ValueError(
+                f"negative_weight must be >= 0, got negative_weight={negative_weight}."
+            )
+        if gather_distributed and not torch.distributed.is_available():
+            raise ValueError(
+                "gather_distributed is True but torch.distributed is not available. "
+                "Please set gather_distributed=False or install a torch distribution "
+                "with distributed support."
+            )
+        self.pool_sizes = sizes
+        self.top_k = top_k
+        self.num_negatives = num_negatives
+        self.negative_weight = float(negative_weight)
+        self.random_tie_break = random_tie_break
+        self.gather_distributed = gather_distributed
+        self.ranking_loss = ContinuousAPLoss(
+            tau=tau, kappa=kappa, weight_offset=weight_offset
+        )
+
+    def forward(
+        self,
+        *,
+        student_x: Tensor,
+        student_pos: Tensor,
+        teacher_x: Tensor,
+        teacher_pos: Tensor,
+        fg_mask_x: Tensor,
+        fg_mask_pos: Tensor,
+    ) -> Tensor:
+        """Computes the CoTAP loss of a batch of (x, x+) pairs.
+
+        Args:
+            student_x: Student patch-head outputs of the crops of ``x``.
+                Shape: (B, V, K, h, w).
+            student_pos: Student patch-head outputs of the crops of the neighbour
+                ``x+`` of each ``x``. Shape: (B, V, K, h, w).
+            teacher_x: Teacher patch-head outputs of the crops of ``x`` (no
+                gradient is taken). Shape: (B, V, K, h, w).
+            teacher_pos: Teacher patch-head outputs of the crops of ``x+``.
+                Shape: (B, V, K, h, w).
+            fg_mask_x: Teacher foreground mask of the crops of ``x``, bool or float
+                in [0, 1]. Shape: (B, V, h, w).
+            fg_mask_pos: Teacher foreground mask of the crops of ``x+``.
+                Shape: (B, V, h, w).
+
+        Returns:
+            Scalar loss, the mean over ``pool_sizes`` of the ranking loss.
+
+        Raises:
+            ValueError: If shapes do not match, a pooling size exceeds the feature
+                grid, or values are not finite.
+        """
+        _validate_inputs(
+            student_x=student_x,
+            student_pos=student_pos,
+            teacher_x=teacher_x,
+            teacher_pos=teacher_pos,
+            fg_mask_x=fg_mask_x,
+            fg_mask_pos=fg_mask_pos,
+            pool_sizes=self.pool_sizes,
+        )
+        losses = []
+        for pool_size in self.pool_sizes:
+            index_x = select_foreground_cells(
+                fg_mask_x,
+                pool_size=pool_size,
+                top_k=self.top_k,
+                random_tie_break=self.random_tie_break,
+            )
+            index_pos = select_foreground_cells(
+                fg_mask_pos,
+                pool_size=pool_size,
+                top_k=self.top_k,
+                random_tie_break=self.random_tie_break,
+            )
+            cells = [
+                gather_cells(pool_cells(feats, pool_size), index)
+                for feats, index in (
+                    (student_x, index_x),
+                    (student_pos, index_pos),
+                    (teacher_x.detach(), index_x),
+                    (teacher_pos.detach(), index_pos),
+                )
+            ]
+            if self.gather_distributed and _world_size() > 1:
+                cells = [torch.cat(_gather(c), dim=0) for c in cells]
+            s_x, s_pos, t_x, t_pos = cells
+            batch_size = s_x.shape[0]
+            negatives = draw_negative_images(
+                batch_size=batch_size,
+                num_negatives=min(self.num_negatives, batch_size - 1),
+                device=s_x.device,
+                broadcast=self.gather_distributed and _world_size() > 1,
+            )
+            scores, is_positive = pair_similarities(
+                anchors=s_x, positives=s_pos, negative_index=negatives
+            )
+            with torch.no_grad():
+                targets, _ = pair_similarities(
+                    anchors=t_x, positives=t_pos, negative_index=negatives
+                )
+                weights = (targets - self.ranking_loss.weight_offset).clamp_min(0.0)
+                weights = weights * torch.where(
+                    is_positive,
+                    torch.ones_like(weights),
+                    torch.full_like(weights, self.negative_weight),
+                )
+            losses.append(
+                self.ranking_loss(
+                    scores=scores.flatten(),
+                    targets=targets.flatten(),
+                    weights=weights.flatten(),
+                )
+            )
+        return torch.stack(losses).mean()
+
+
+def pool_cells(features: Tensor, pool_size: int) -> Tensor:
+    """Average-pools every crop to ``pool_size x pool_size`` cells and concatenates
+    the cells of the crops of an image.
+
+    Args:
+        features: Dense features or masks. Shape: (B, V, K, h, w).
+        pool_size: Cell grid size ``p``.
+
+    Returns:
+        Cells in (crop, row, column) order: cell ``v * p * p + i * p + j`` is cell
+        ``(i, j)`` of crop ``v``. Shape: (B, V * p * p, K).
+    """
+    b, v, k, h, w = features.shape
+    pooled = F.adaptive_avg_pool2d(features.reshape(b * v, k, h, w), pool_size)
+    return (
+        pooled.reshape(b, v, k, pool_size * pool_size)
+        .permute(0, 1, 3, 2)
+        .reshape(b, v * pool_size * pool_size, k)
+    )
+
+
+def select_foreground_cells(
+    fg_mask: Tensor, *, pool_size: int, top_k: int, random_tie_break: bool = True
+) -> Tensor:
+    """Indices of the ``top_k`` cells with the highest pooled foreground fraction.
+
+    Args:
+        fg_mask: Foreground mask, bool or float. Shape: (B, V, h, w).
+        pool_size: Cell grid size ``p``.
+        top_k: Number of cells to keep per image (clamped to ``V * p * p``).
+        random_tie_break: Choose uniformly at random among cells with equal
+            foreground fraction; otherwise the lower cell index wins.
+
+    Returns:
+        Cell indices into the ``V * p * p`` cells of :func:`pool_cells`, sorted by
+        decreasing foreground fraction. Shape: (B, min(top_k, V * p * p)).
+    """
+    mask = fg_mask.to(torch.float32).unsqueeze(2)  # (B, V, 1, h, w)
+    score = pool_cells(mask, pool_size).squeeze(2)  # (B, V*p*p)
+    k = min(top_k, score.shape[1])
+    if random_tie_break:
+        order = torch.rand(score.shape, device=score.device).argsort(dim=1)
+    else:
+        order = torch.arange(score.shape[1], device=score.device).expand_as(score)
+    shuffled = torch.gather(score, 1, order)
+    rank = torch.sort(shuffled, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(order, 1, rank)
+
+
+def gather_cells(cells: Tensor, index: Tensor) -> Tensor:
+    """Picks cells by index.
+
+    Args:
+        cells: Shape: (B, N, K).
+        index: Shape: (B, k), values in [0, N).
+
+    Returns:
+        Shape: (B, k, K).
+    """
+    return torch.gather(cells, 1, index.unsqueeze(2).expand(-1, -1, cells.shape[2]))
+
+
+def draw_negative_images(
+    *,
+    batch_size: int,
+    num_negatives: int,
+    device: torch.device | str | None = None,
+    broadcast: bool = False,
+) -> Tensor:
+    """Draws ``num_negatives`` distinct other images for every image of a batch.
+
+    A random cyclic order of the batch is drawn; image ``b`` takes the
+    ``num_negatives`` images that follow it in that order. Every column is a
+    derangement (no image is its own negative), the negatives of an image are
+    distinct, and every image is used as a negative exactly ``num_negatives`` times.
+
+    Args:
+        batch_size: Number of images ``B``.
+        num_negatives: ``R``, at most ``B - 1``.
+        device: Device of the result.
+        broadcast: Draw on rank 0 and broadcast to all ranks (distributed runs).
+
+    Returns:
+        Indices of the negative images. Shape: (B, R), int64.
+
+    Raises:
+        ValueError: If ``num_negatives`` is not in ``[0, batch_size - 1]``.
+    """
+    if not 0 <= num_negatives <= max(batch_size - 1, 0):
+        raise ValueError(
+            f"num_negatives must be in [0, batch_size - 1] = [0, {batch_size - 1}], "
+            f"got num_negatives={num_negatives}."
+        )
+    order = torch.randperm(batch_size, device=device)
+    if broadcast:
+        torch.distributed.broadcast(order, src=0)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(batch_size, device=order.device)
+    shifts = torch.arange(1, num_negatives + 1, device=order.device)
+    return order[(position[:, None] + shifts[None, :]) % batch_size]
+
+
+def pair_similarities(
+    *, anchors: Tensor, positives: Tensor, negative_index: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Cosine similarities of the positive and negative pairs of a batch.
+
+    Args:
+        anchors: Selected cells of every ``x``. Shape: (B, k, K).
+        positives: Selected cells of every ``x+``. Shape: (B, k', K).
+        negative_index: Other images whose ``x+`` cells are negatives of image b.
+            Shape: (B, R).
+
+    Returns:
+        ``(similarity, is_positive)``, both of shape (B, 1 + R, k, k'). Entry
+        ``[b, 0, i, j]`` is ``cos(anchors[b, i], positives[b, j])`` (own pair),
+        entry ``[b, 1 + r, i, j]`` is ``cos(anchors[b, i],
+        positives[negative_index[b, r], j])``. Computed in float32 (float64 for
+        float64 inputs), outside autocast.
+    """
+    dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        a = F.normalize(anchors.to(dtype), dim=-1)
+        p = F.normalize(positives.to(dtype), dim=-1)
+        index = torch.cat(
+            [
+                torch.arange(a.shape[0], device=a.device)[:, None],
+                negative_index.to(a.device),
+            ],
+            dim=1,
+        )  # (B, 1 + R)
+        similarity = torch.einsum("bik,brjk->brij", a, p[index])
+    is_positive = torch.zeros_like(similarity, dtype=torch.bool)
+    is_positive[:, 0] = True
+    return similarity, is_positive
+
+
+def _world_size() -> int:
+    from lightly.utils import dist
+
+    return int(dist.world_size())
+
+
+def _gather(tensor: Tensor) -> tuple[Tensor, ...]:
+    from lightly.utils import dist
+
+    return tuple(dist.gather(tensor))
+
+
+def _validate_inputs(
+    *,
+    student_x: Tensor,
+    student_pos: Tensor,
+    teacher_x: Tensor,
+    teacher_pos: Tensor,
+    fg_mask_x: Tensor,
+    fg_mask_pos: Tensor,
+    pool_sizes: tuple[int, ...],
+) -> None:
+    """Raises ValueError for inputs the loss cannot use."""
+    features = {
+        "student_x": student_x,
+        "student_pos": student_pos,
+        "teacher_x": teacher_x,
+        "teacher_pos": teacher_pos,
+    }
+    for name, value in features.items():
+        if not isinstance(value, Tensor) or value.dim() != 5:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
+            raise ValueError(f"{name} must have shape (B, V, K, h, w), got {shape}.")
+        if not value.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {value.dtype}.")
+        if value.shape != student_x.shape:
+            raise ValueError(
+                f"{name} must have the shape of student_x {tuple(student_x.shape)}, "
+                f"got {tuple(value.shape)}."
+            )
+    b, v, _, h, w = student_x.shape
+    if b < 1 or v < 1:
+        raise ValueError(
+            f"student_x must have at least one image and crop, got shape "
+            f"{tuple(student_x.shape)}."
+        )
+    for name, mask in (("fg_mask_x", fg_mask_x), ("fg_mask_pos", fg_mask_pos)):
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != (b, v, h, w):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask)
+            raise ValueError(
+                f"{name} must have shape (B, V, h, w) = {(b, v, h, w)} matching the "
+                f"features, got {shape}."
+            )
+        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+            raise ValueError(f"{name} contains non-finite values.")
+    too_large = [p for p in pool_sizes if p > min(h, w)]
+    if too_large:
+        raise ValueError(
+            f"pool_sizes {pool_sizes} contain sizes {too_large} larger than the "
+            f"feature grid (h, w) = {(h, w)}."
+        )
