@@ -1,0 +1,422 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+from torch import Tensor
+
+from lightly_cotap.loss import ContinuousAPLoss, _ranking_ops
+
+TAU = 0.5
+
+
+def _phi(x: Tensor, tau: float) -> Tensor:
+    """phi_tau written piece by piece from the definition."""
+    if x < 0:
+        return 1 - 2 * x / tau
+    if x < tau:
+        return (1 - x / tau) ** 2
+    return x * 0.0
+
+
+def _step(x: Tensor, tau: float) -> Tensor:
+    """The exact step 1[s_j >= s_i] = 1[x <= 0] that phi_tau smooths."""
+    return (x <= 0).to(x.dtype)
+
+
+def reference_loss(
+    scores: Tensor,
+    targets: Tensor,
+    weights: Tensor | None = None,
+    mask: Tensor | None = None,
+    tau: float = TAU,
+    kappa: float = 1.0,
+    weight_offset: float = -0.2,
+    surrogate: Callable[[Tensor, float], Tensor] = _phi,
+) -> Tensor:
+    """Loop-by-loop float64 reference of the loss, written from the formula."""
+    s2 = scores if scores.dim() == 2 else scores[None]
+    t2 = targets if targets.dim() == 2 else targets[None]
+    w2 = None if weights is None else (weights if weights.dim() == 2 else weights[None])
+    m2 = None if mask is None else (mask if mask.dim() == 2 else mask[None])
+    numerator = s2.sum() * 0.0
+    denominator = 0.0
+    for b in range(s2.shape[0]):
+        keep = [i for i in range(s2.shape[1]) if m2 is None or bool(m2[b, i])]
+        for i in keep:
+            w_i = (
+                max(float(t2[b, i]) - weight_offset, 0.0)
+                if w2 is None
+                else float(w2[b, i])
+            )
+            neg = s2.sum() * 0.0
+            pos = 0
+            for j in keep:
+                gap = max(float(t2[b, i] - t2[b, j]), 0.0)
+                if gap > 0:
+                    neg = neg + gap * surrogate(s2[b, i] - s2[b, j], tau)
+                if t2[b, j] >= t2[b, i] and s2[b, j] >= s2[b, i]:
+                    pos += 1
+            u = kappa * neg / pos
+            numerator = numerator + w_i * u / (1 + u)
+            denominator += w_i
+    return numerator / denominator
+
+
+def _random_lists(
+    shape: tuple[int, ...], ties: bool, seed: int
+) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.6
+    t = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
+    if ties:
+        s = (s * 4).round() / 4
+        t = (t * 3).round() / 3
+    return s, t
+
+
+def _value_and_grad(
+    fn: Callable[..., Tensor],
+    s: Tensor,
+    **kwargs: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    s = s.clone().requires_grad_(True)
+    value = fn(scores=s, **kwargs)
+    (grad,) = torch.autograd.grad(value, s)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+@pytest.mark.parametrize("shape", [(23,), (3, 17)])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_matches_reference(
+    method: str,
+    shape: tuple[int, ...],
+    ties: bool,
+    use_mask: bool,
+    use_weights: bool,
+) -> None:
+    s, t = _random_lists(shape, ties=ties, seed=hash((shape, ties)) % 1000)
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(shape, generator=gen) > 0.25 if use_mask else None
+    weights = (
+        torch.rand(shape, generator=gen, dtype=torch.float64) if use_weights else None
+    )
+    loss_fn = ContinuousAPLoss(method=method)
+    value, grad = _value_and_grad(loss_fn, s, targets=t, weights=weights, mask=mask)
+    ref_value, ref_grad = _value_and_grad(
+        reference_loss, s, targets=t, weights=weights, mask=mask
+    )
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("kappa, tau, offset", [(2.0, 0.3, 0.0), (0.5, 1.5, -1.0)])
+def test_hyperparameters_match_reference(
+    kappa: float, tau: float, offset: float
+) -> None:
+    s, t = _random_lists((2, 15), ties=False, seed=3)
+    for method in ("dense", "fast"):
+        loss_fn = ContinuousAPLoss(
+            tau=tau, kappa=kappa, weight_offset=offset, method=method
+        )
+        value, grad = _value_and_grad(loss_fn, s, targets=t)
+        ref_value, ref_grad = _value_and_grad(
+            lambda **kw: reference_loss(
+                tau=tau, kappa=kappa, weight_offset=offset, **kw
+            ),
+            s,
+            targets=t,
+        )
+        torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_fast_path_matches_dense_on_long_lists(ties: bool) -> None:
+    s, t = _random_lists((2, 1500), ties=ties, seed=7)
+    mask = torch.rand(2, 1500, generator=torch.Generator().manual_seed(2)) > 0.1
+    dense = ContinuousAPLoss(method="dense")
+    fast = ContinuousAPLoss(method="fast")
+    value_d, grad_d = _value_and_grad(dense, s, targets=t, mask=mask)
+    value_f, grad_f = _value_and_grad(fast, s, targets=t, mask=mask)
+    torch.testing.assert_close(value_f, value_d, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(grad_f, grad_d, rtol=1e-6, atol=1e-12)
+
+
+def test_negatives_and_positives_agree_per_item() -> None:
+    s, t = _random_lists((4, 300), ties=True, seed=11)
+    valid = torch.rand(4, 300, generator=torch.Generator().manual_seed(0)) > 0.2
+    neg_d, pos_d = _ranking_ops.dense_negatives_and_positives(s, t, valid, TAU)
+    rows = torch.arange(4)[:, None].expand(4, 300)
+    neg_f, pos_f = _ranking_ops.fast_negatives_and_positives(
+        s[valid], t[valid], rows[valid], TAU
+    )
+    torch.testing.assert_close(neg_f, neg_d[valid], rtol=1e-9, atol=1e-9)
+    assert torch.equal(pos_f, pos_d[valid])
+    assert bool((pos_f >= 1).all())
+
+
+def test_auto_method_switches_on_list_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    module = "lightly_cotap.loss.continuous_ap_loss"
+    dense_fn = _ranking_ops.dense_negatives_and_positives
+    fast_fn = _ranking_ops.fast_negatives_and_positives
+
+    def dense_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("dense")
+        return dense_fn(*args, **kwargs)
+
+    def fast_spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append("fast")
+        return fast_fn(*args, **kwargs)
+
+    monkeypatch.setattr(f"{module}.dense_negatives_and_positives", dense_spy)
+    monkeypatch.setattr(f"{module}.fast_negatives_and_positives", fast_spy)
+    loss_fn = ContinuousAPLoss(dense_max_pairs=100 * 100)
+    loss_fn(scores=torch.randn(100), targets=torch.rand(100))
+    loss_fn(scores=torch.randn(101), targets=torch.rand(101))
+    assert calls == ["dense", "fast"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_step_surrogate_gives_one_minus_average_precision(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    rows, n = 3, 40
+    s = torch.randn(rows, n, generator=gen, dtype=torch.float64)
+    y = (torch.rand(rows, n, generator=gen) < 0.3).to(torch.float64)
+    y[:, 0] = 1.0  # at least one positive and one negative per row
+    y[:, 1] = 0.0
+    for b in range(rows):
+        ap = average_precision_score(y[b].numpy(), s[b].numpy())
+        step_loss = reference_loss(s[b], y[b], weights=y[b], surrogate=_step)
+        assert float(step_loss) == pytest.approx(1.0 - ap, abs=1e-12)
+        # phi_tau >= step pointwise, so the trained (Huber) loss upper-bounds 1 - AP.
+        huber = ContinuousAPLoss()(scores=s[b], targets=y[b], weights=y[b])
+        assert float(huber) >= 1.0 - ap - 1e-12
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_invariant_to_permuting_the_list(method: str) -> None:
+    s, t = _random_lists((64,), ties=True, seed=5)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    loss_fn = ContinuousAPLoss(method=method)
+    value, grad = _value_and_grad(loss_fn, s, targets=t)
+    value_p, grad_p = _value_and_grad(loss_fn, s[perm], targets=t[perm])
+    torch.testing.assert_close(value_p, value, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grad_p, grad[perm], rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_zero_when_ranked_like_targets_with_margin(method: str) -> None:
+    t = torch.rand(50, dtype=torch.float64)
+    rank = torch.argsort(torch.argsort(t)).to(torch.float64)
+    s = rank * TAU  # same order as t, neighbouring scores exactly tau apart
+    value, grad = _value_and_grad(ContinuousAPLoss(method=method), s, targets=t)
+    assert float(value) == 0.0
+    assert float(grad.abs().max()) == 0.0
+    # Shrinking the margin below tau makes the loss positive.
+    value_small, _ = _value_and_grad(
+        ContinuousAPLoss(method=method), s * 0.5, targets=t
+    )
+    assert float(value_small) > 0.0
+
+
+def test_gradient_moves_a_misranked_pair_the_right_way() -> None:
+    t = torch.tensor([0.9, 0.1], dtype=torch.float64)
+    s = torch.tensor([0.0, 0.3], dtype=torch.float64)  # higher target scored lower
+    value, grad = _value_and_grad(ContinuousAPLoss(), s, targets=t)
+    assert float(value) > 0
+    assert float(grad[0]) < 0 < float(grad[1])  # descent raises s_0 and lowers s_1
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_gradient_step_lowers_loss_and_fixes_misranked_pairs(method: str) -> None:
+    s, t = _random_lists((200,), ties=False, seed=9)
+    loss_fn = ContinuousAPLoss(method=method)
+    value, grad = _value_and_grad(loss_fn, s, targets=t)
+    s_new = s - 0.05 * grad / grad.norm()
+    value_new, _ = _value_and_grad(loss_fn, s_new, targets=t)
+    assert float(value_new) < float(value)
+    # Pairs ordered against the targets move towards the targets' order on average.
+    higher = t[:, None] > t[None, :]
+    misranked = higher & (s[:, None] < s[None, :])
+    gap_before = (s[:, None] - s[None, :])[misranked]
+    gap_after = (s_new[:, None] - s_new[None, :])[misranked]
+    assert float((gap_after - gap_before).mean()) > 0
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_batched_rows_are_independent_lists(method: str) -> None:
+    s, t = _random_lists((3, 30), ties=False, seed=4)
+    loss_fn = ContinuousAPLoss(method=method)
+    batched = loss_fn(scores=s, targets=t)
+    # Weighted mean over all anchors of all rows == per-row losses combined by weight.
+    w = (t + 0.2).clamp_min(0)
+    per_row = torch.stack([loss_fn(scores=s[b], targets=t[b]) for b in range(3)])
+    combined = (per_row * w.sum(1)).sum() / w.sum()
+    torch.testing.assert_close(batched, combined, rtol=1e-12, atol=1e-15)
+    # Ranking across rows would differ from per-row ranking.
+    flat = loss_fn(scores=s.flatten(), targets=t.flatten())
+    assert not torch.allclose(flat, batched)
+
+
+def test_masked_items_are_ignored_even_if_not_finite() -> None:
+    s, t = _random_lists((2, 20), ties=False, seed=8)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, 3] = mask[1, 7] = False
+    s_bad, t_bad = s.clone(), t.clone()
+    s_bad[0, 3] = float("nan")
+    t_bad[1, 7] = float("inf")
+    loss_fn = ContinuousAPLoss()
+    expected = reference_loss(s, t, mask=mask)
+    torch.testing.assert_close(
+        loss_fn(scores=s_bad, targets=t_bad, mask=mask), expected
+    )
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+@pytest.mark.parametrize(
+    "case", ["empty", "all_masked", "zero_weights", "targets_below_offset"]
+)
+def test_no_valid_anchor_gives_zero_connected_to_graph(method: str, case: str) -> None:
+    n = 0 if case == "empty" else 10
+    s = torch.randn(n, requires_grad=True)
+    t = torch.rand(n)
+    kwargs: dict[str, Tensor] = {}
+    if case == "all_masked":
+        kwargs["mask"] = torch.zeros(n, dtype=torch.bool)
+    if case == "zero_weights":
+        kwargs["weights"] = torch.zeros(n)
+    if case == "targets_below_offset":
+        t = t - 2.0
+    loss = ContinuousAPLoss(method=method)(scores=s, targets=t, **kwargs)
+    assert loss.shape == torch.Size([])
+    assert float(loss.detach()) == 0.0
+    assert loss.requires_grad
+    loss.backward()
+    assert s.grad is not None and float(s.grad.abs().sum()) == 0.0
+
+
+def test_autocast_bf16_computes_in_float32() -> None:
+    s, t = _random_lists((500,), ties=False, seed=12)
+    s16, t16 = s.to(torch.bfloat16), t.to(torch.bfloat16)
+    expected = ContinuousAPLoss()(scores=s16.float(), targets=t16.float())
+    leaf = s16.clone().requires_grad_(True)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = ContinuousAPLoss()(scores=leaf, targets=t16)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    loss.backward()
+    assert leaf.grad is not None and leaf.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_float32_fast_path_is_accurate(method: str) -> None:
+    s, t = _random_lists((4000,), ties=False, seed=13)
+    ref = ContinuousAPLoss(method="fast")(scores=s, targets=t)
+    value = ContinuousAPLoss(method=method)(scores=s.float(), targets=t.float())
+    assert float(value) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_cuda_matches_cpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    s, t = _random_lists((2, 3000), ties=True, seed=14)
+    for method in ("dense", "fast"):
+        loss_fn = ContinuousAPLoss(method=method)
+        cpu_value, cpu_grad = _value_and_grad(loss_fn, s, targets=t)
+        gpu_value, gpu_grad = _value_and_grad(loss_fn, s.cuda(), targets=t.cuda())
+        torch.testing.assert_close(gpu_value.cpu(), cpu_value, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(gpu_grad.cpu(), cpu_grad, rtol=1e-6, atol=1e-9)
+
+
+class TestBadInput:
+    def test_mismatched_targets_shape(self) -> None:
+        with pytest.raises(ValueError, match=r"targets .*shape.*\(5,\).*\(4,\)"):
+            ContinuousAPLoss()(scores=torch.randn(5), targets=torch.randn(4))
+
+    def test_mismatched_weights_shape(self) -> None:
+        with pytest.raises(ValueError, match=r"weights .*\(2, 5\).*\(5,\)"):
+            ContinuousAPLoss()(
+                scores=torch.randn(2, 5),
+                targets=torch.randn(2, 5),
+                weights=torch.rand(5),
+            )
+
+    def test_mismatched_mask_shape(self) -> None:
+        with pytest.raises(ValueError, match=r"mask .*\(2, 5\).*\(2, 4\)"):
+            ContinuousAPLoss()(
+                scores=torch.randn(2, 5),
+                targets=torch.randn(2, 5),
+                mask=torch.ones(2, 4, dtype=torch.bool),
+            )
+
+    def test_non_bool_mask(self) -> None:
+        with pytest.raises(ValueError, match="mask must be a bool"):
+            ContinuousAPLoss()(
+                scores=torch.randn(5), targets=torch.randn(5), mask=torch.ones(5)
+            )
+
+    def test_wrong_rank(self) -> None:
+        with pytest.raises(ValueError, match=r"scores .*\(2, 3, 4\)"):
+            ContinuousAPLoss()(
+                scores=torch.randn(2, 3, 4), targets=torch.randn(2, 3, 4)
+            )
+
+    def test_integer_scores(self) -> None:
+        with pytest.raises(ValueError, match="scores must be a floating"):
+            ContinuousAPLoss()(
+                scores=torch.ones(3, dtype=torch.long), targets=torch.ones(3)
+            )
+
+    @pytest.mark.parametrize("name", ["scores", "targets", "weights"])
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+    def test_non_finite(self, name: str, bad: float) -> None:
+        inputs = {
+            "scores": torch.randn(6),
+            "targets": torch.rand(6),
+            "weights": torch.rand(6),
+        }
+        inputs[name][2] = bad
+        with pytest.raises(
+            ValueError, match=rf"{name} of shape \(6,\) contains 1 non-finite"
+        ):
+            ContinuousAPLoss()(**inputs)
+
+    def test_targets_requiring_grad(self) -> None:
+        with pytest.raises(ValueError, match="targets must not require grad"):
+            ContinuousAPLoss()(
+                scores=torch.randn(4), targets=torch.rand(4, requires_grad=True)
+            )
+
+    def test_negative_weights(self) -> None:
+        with pytest.raises(ValueError, match="weights of shape .* non-negative"):
+            ContinuousAPLoss()(
+                scores=torch.randn(4),
+                targets=torch.rand(4),
+                weights=torch.tensor([1.0, -0.5, 1.0, 1.0]),
+            )
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            ({"tau": 0.0}, "tau"),
+            ({"tau": -1.0}, "tau"),
+            ({"tau": float("inf")}, "tau"),
+            ({"kappa": 0.0}, "kappa"),
+            ({"weight_offset": float("nan")}, "weight_offset"),
+            ({"method": "sorted"}, "method"),
+            ({"dense_max_pairs": -1}, "dense_max_pairs"),
+        ],
+    )
+    def test_constructor_validation(
+        self, kwargs: dict[str, object], match: str
+    ) -> None:
+        with pytest.raises(ValueError, match=match):
+            ContinuousAPLoss(**kwargs)  # type: ignore[arg-type]
