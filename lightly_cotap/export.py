@@ -1,0 +1,221 @@
+"""Export a CoTAP backbone as a plain timm-keyed checkpoint (+ filter weights).
+
+The exported file is ``{"meta": {...}, "state_dict": {...}}``:
+
+- ``state_dict``: the timm ``VisionTransformer`` keys (``patch_embed.proj.weight``,
+  ``blocks.0.attn.qkv.weight``, ...) plus the object-aware filter's ``filter.*`` keys
+  (``filter.prototypes``, ``filter.norm_in.*``, ``filter.norm_out_patch.*``,
+  ``filter.norm_out_cls.*``, ``filter.prototypes_initialized``);
+- ``meta``: the architecture (timm name, embed dim, depth, heads, patch size,
+  register tokens, filter settings), enough for
+  :meth:`~lightly_cotap.models.cotap_vit.CoTAPVisionTransformer.from_checkpoint` /
+  :func:`load_backbone` to rebuild the model with no other information.
+
+Command line (``python -m lightly_cotap.export``)::
+
+    python -m lightly_cotap.export --checkpoint run/last.ckpt --output backbone.pth \\
+        --arch vit_small_patch16_224
+
+converts any supported checkpoint (lightly-cotap / Lightning / official CoTAP /
+DINO / iBOT / timm). ``--arch`` and the filter options are only needed when the input
+is not already a lightly-cotap export. More output formats can be registered in
+:data:`EXPORT_FORMATS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.models.utils import load_checkpoint_file
+
+
+def export_state_dict(model: CoTAPVisionTransformer) -> dict[str, Any]:
+    """Returns the exported checkpoint dict of a model (see the module docstring).
+
+    Args:
+        model: The backbone to export.
+
+    Returns:
+        ``{"meta": ..., "state_dict": ...}`` with CPU tensors.
+
+    Raises:
+        TypeError: If ``model`` is not a CoTAPVisionTransformer.
+    """
+    if not isinstance(model, CoTAPVisionTransformer):
+        raise TypeError(
+            f"model must be a CoTAPVisionTransformer, got {type(model).__name__}."
+        )
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vit."):
+            key = key[len("vit.") :]
+        state_dict[key] = value.detach().cpu().clone()
+    return {"meta": model.get_meta(), "state_dict": state_dict}
+
+
+def export_backbone(
+    model: CoTAPVisionTransformer, path: str | os.PathLike[str]
+) -> None:
+    """Writes a plain timm-keyed checkpoint with the filter keys and the meta dict.
+
+    Args:
+        model: The backbone to export (e.g. the student of a CoTAP run).
+        path: Output file; parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(export_state_dict(model), path)
+
+
+def load_backbone(
+    path: str | os.PathLike[str], strict: bool = True
+) -> CoTAPVisionTransformer:
+    """Loads a checkpoint written by :func:`export_backbone` (in eval mode).
+
+    Args:
+        path: The exported file.
+        strict: Raise on missing / unexpected keys.
+
+    Returns:
+        The rebuilt CoTAPVisionTransformer.
+    """
+    return CoTAPVisionTransformer.from_checkpoint(path, strict=strict)
+
+
+#: Output formats of the command line: name -> function(model, output path).
+EXPORT_FORMATS: dict[str, Callable[[CoTAPVisionTransformer, Path], None]] = {
+    "timm": export_backbone,
+}
+
+
+def build_model_from_checkpoint(
+    checkpoint_path: str | os.PathLike[str],
+    arch: str | None = None,
+    use_filter: bool | None = None,
+    num_prototypes: int | None = None,
+    prototype_size: int | None = None,
+    prefix: str | None = None,
+    checkpoint_key: str | None = None,
+    img_size: int = 224,
+    weights_only: bool = True,
+) -> CoTAPVisionTransformer:
+    """Builds a CoTAPVisionTransformer from any supported checkpoint file.
+
+    A lightly-cotap export is rebuilt from its ``meta``. Otherwise ``arch`` (a timm
+    name) is required; the filter settings default to what the checkpoint holds
+    (filter keys present -> filter with their number / size of prototypes).
+
+    Args:
+        checkpoint_path: Input checkpoint.
+        arch: timm architecture name (needed without ``meta``).
+        use_filter: Build the filter; None = whether the checkpoint has one.
+        num_prototypes: None = from the checkpoint (default 64).
+        prototype_size: None = from the checkpoint (default 3).
+        prefix: Backbone key prefix (auto-detected if None).
+        checkpoint_key: Top-level sub-dict (auto-detected if None).
+        img_size: Image size of the position-embedding grid.
+        weights_only: Use ``torch.load(weights_only=True)``.
+
+    Returns:
+        The model with the checkpoint's weights, in eval mode.
+
+    Raises:
+        ValueError: If the architecture is unknown or the weights do not fit.
+    """
+    from lightly_cotap.models.utils import extract_backbone_state_dict
+
+    checkpoint = load_checkpoint_file(checkpoint_path, weights_only=weights_only)
+    if isinstance(checkpoint.get("meta"), dict) and prefix is None:
+        return CoTAPVisionTransformer.from_checkpoint(checkpoint)
+    if arch is None:
+        raise ValueError(
+            f"'{checkpoint_path}' is not a lightly-cotap export (no 'meta'); pass the "
+            "timm architecture name (--arch)."
+        )
+    state_dict, _, _ = extract_backbone_state_dict(
+        checkpoint, prefix=prefix, checkpoint_key=checkpoint_key
+    )
+    prototypes = state_dict.get("filter.prototypes")
+    if use_filter is None:
+        use_filter = prototypes is not None
+    if prototypes is not None and prototypes.ndim == 4:
+        num_prototypes = num_prototypes or int(prototypes.shape[0])
+        prototype_size = prototype_size or int(prototypes.shape[-1])
+    model = CoTAPVisionTransformer(
+        arch,
+        use_filter=use_filter,
+        num_prototypes=num_prototypes or 64,
+        prototype_size=prototype_size or 3,
+        img_size=img_size,
+    )
+    report = model.load_pretrained(
+        checkpoint, strict=True, prefix=prefix, checkpoint_key=checkpoint_key
+    )
+    print(report.summary(), file=sys.stderr)
+    return model.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point of ``python -m lightly_cotap.export``.
+
+    Args:
+        argv: Arguments (defaults to ``sys.argv[1:]``).
+
+    Returns:
+        Exit code 0 on success.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m lightly_cotap.export",
+        description="Export a CoTAP backbone checkpoint (no network access).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="Input checkpoint file.")
+    parser.add_argument("--output", required=True, help="Output file.")
+    parser.add_argument(
+        "--format",
+        default="timm",
+        choices=sorted(EXPORT_FORMATS),
+        help="Output format (default: timm-keyed state_dict + filter keys + meta).",
+    )
+    parser.add_argument("--arch", default=None, help="timm ViT name (if no meta).")
+    filter_group = parser.add_mutually_exclusive_group()
+    filter_group.add_argument(
+        "--filter", dest="use_filter", action="store_true", default=None
+    )
+    filter_group.add_argument("--no-filter", dest="use_filter", action="store_false")
+    parser.add_argument("--num-prototypes", type=int, default=None)
+    parser.add_argument("--prototype-size", type=int, default=None)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--prefix", default=None, help="Backbone key prefix.")
+    parser.add_argument("--checkpoint-key", default=None, help="Top-level sub-dict.")
+    parser.add_argument(
+        "--unsafe-load",
+        action="store_true",
+        help="torch.load(weights_only=False); only for trusted files.",
+    )
+    args = parser.parse_args(argv)
+    model = build_model_from_checkpoint(
+        args.checkpoint,
+        arch=args.arch,
+        use_filter=args.use_filter,
+        num_prototypes=args.num_prototypes,
+        prototype_size=args.prototype_size,
+        prefix=args.prefix,
+        checkpoint_key=args.checkpoint_key,
+        img_size=args.img_size,
+        weights_only=not args.unsafe_load,
+    )
+    EXPORT_FORMATS[args.format](model, Path(args.output))
+    print(f"Wrote {args.format} checkpoint to {args.output}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
