@@ -1,1 +1,19 @@
 """lightly_cotap.transforms package."""
+
+from lightly_cotap.transforms.cotap_transform import (
+    CoTAPTransform,
+    CoTAPViews,
+    box_intersection,
+    crop_pair_grid_boxes,
+    image_boxes_to_grid,
+    resample_crop_features,
+)
+
+__all__ = [
+    "CoTAPTransform",
+    "CoTAPViews",
+    "box_intersection",
+    "crop_pair_grid_boxes",
+    "image_boxes_to_grid",
+    "resample_crop_features",
+]
