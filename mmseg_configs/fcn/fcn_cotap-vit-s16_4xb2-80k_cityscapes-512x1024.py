@@ -1,0 +1,17 @@
+_base_ = [
+    "../_base_/models/fcn_cotap-vit-s16.py",
+    "../_base_/datasets/cityscapes_512x1024.py",
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/finetune_80k.py",
+]
+crop_size = (512, 1024)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(img_size=crop_size),
+    decode_head=dict(num_classes=19),
+    auxiliary_head=dict(num_classes=19),
+    test_cfg=dict(mode="slide", crop_size=crop_size, stride=(341, 683)),
+)
+# 4 GPUs x 2 images
+train_dataloader = dict(batch_size=2)

@@ -1,0 +1,17 @@
+_base_ = [
+    "../_base_/models/upernet_cotap-vit-s16.py",
+    "../_base_/datasets/ade20k_512x512.py",
+    "../_base_/default_runtime.py",
+    "../_base_/schedules/finetune_160k.py",
+]
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(img_size=crop_size),
+    decode_head=dict(num_classes=150),
+    auxiliary_head=dict(num_classes=150),
+    test_cfg=dict(mode="slide", crop_size=crop_size, stride=(341, 341)),
+)
+# 8 GPUs x 2 images
+train_dataloader = dict(batch_size=2)
