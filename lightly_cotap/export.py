@@ -18,7 +18,9 @@ Command line (``python -m lightly_cotap.export``)::
 
 converts any supported checkpoint (lightly-cotap / Lightning / official CoTAP /
 DINO / iBOT / timm). ``--arch`` and the filter options are only needed when the input
-is not already a lightly-cotap export. More output formats can be registered in
+is not already a lightly-cotap export. ``--format mmseg`` writes the same weights
+with the keys of the mmseg backbone (``backbone.model.*``, see
+:mod:`lightly_cotap.mmseg`). More output formats can be registered in
 :data:`EXPORT_FORMATS`.
 """
 
@@ -90,9 +92,27 @@ def load_backbone(
     return CoTAPVisionTransformer.from_checkpoint(path, strict=strict)
 
 
+def export_mmseg_backbone(
+    model: CoTAPVisionTransformer, path: str | os.PathLike[str]
+) -> None:
+    """Writes the ``mmseg`` format: keys ``backbone.model.*`` of the mmseg backbone.
+
+    See :func:`lightly_cotap.mmseg.checkpoint.mmseg_state_dict`. Needs the ``mmseg``
+    extra (imported lazily).
+
+    Args:
+        model: The backbone to export.
+        path: Output file.
+    """
+    from lightly_cotap.mmseg.checkpoint import export_mmseg_checkpoint
+
+    export_mmseg_checkpoint(model, path)
+
+
 #: Output formats of the command line: name -> function(model, output path).
 EXPORT_FORMATS: dict[str, Callable[[CoTAPVisionTransformer, Path], None]] = {
     "timm": export_backbone,
+    "mmseg": export_mmseg_backbone,
 }
 
 
