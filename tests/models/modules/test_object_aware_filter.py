@@ -1,0 +1,265 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from lightly_cotap.models.modules import ObjectAwareFilter
+
+D = 32
+HEADS = 4
+
+
+def _block(dtype: torch.dtype = torch.float64, qkv_bias: bool = True) -> Block:
+    torch.manual_seed(0)
+    block = Block(dim=D, num_heads=HEADS, qkv_bias=qkv_bias, mlp_ratio=2.0)
+    for p in block.parameters():
+        # Non-trivial norm / bias parameters as well.
+        p.data.normal_(0.0, 0.3)
+    return block.to(dtype).eval()
+
+
+def _filter(
+    block: Block, num_prototypes: int = 5, prototype_size: int = 3, **kwargs: bool
+) -> ObjectAwareFilter:
+    flt = ObjectAwareFilter(
+        block,
+        embed_dim=D,
+        num_prototypes=num_prototypes,
+        prototype_size=prototype_size,
+        **kwargs,
+    )
+    for p in flt.parameters():
+        p.data.normal_(0.0, 0.5)
+    return flt.to(torch.float64)
+
+
+def _reference(
+    flt: ObjectAwareFilter, block: Block, cls: Tensor, patches: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Naive filter written from the formula: explicit loops over the k x k offsets."""
+    b, d, h, w = patches.shape
+    attn = block.attn
+    nh, hd = attn.num_heads, attn.head_dim
+    m, _, k, _ = flt.prototypes.shape
+    wq, wk, wv = block.attn.qkv.weight.split(d, dim=0)
+    bq, bk, bv = block.attn.qkv.bias.split(d, dim=0)
+
+    def ln(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+    def update(x: Tensor, out: Tensor) -> Tensor:
+        x = x + attn.proj(out)
+        updated: Tensor = x + block.mlp(ln(x, block.norm2))
+        return updated
+
+    protos = ln(flt.prototypes.permute(0, 2, 3, 1), flt.norm_in)  # (M, k, k, D)
+    keys = (protos @ wk.T + bk).reshape(m, k, k, nh, hd)
+    values = (protos @ wv.T + bv).reshape(m, k * k, nh, hd).mean(1)  # (M, nh, hd)
+
+    p = patches.permute(0, 2, 3, 1)  # (B, H, W, D)
+    q = (ln(p, block.norm1) @ wq.T + bq).reshape(b, h, w, nh, hd)
+    logits = torch.zeros(b, nh, m, h, w, dtype=patches.dtype)
+    r = k // 2
+    for y in range(h):
+        for x in range(w):
+            for dy in range(k):
+                for dx in range(k):
+                    yy, xx = y + dy - r, x + dx - r
+                    if 0 <= yy < h and 0 <= xx < w:  # zero padding
+                        logits[:, :, :, y, x] += torch.einsum(
+                            "bnc,mnc->bnm", q[:, yy, xx], keys[:, dy, dx]
+                        )
+    a = (logits / m**0.5).softmax(dim=2)  # softmax over prototypes
+    out = torch.einsum("bnmyx,mnc->byxnc", a, values).reshape(b, h, w, d)
+    p_new = update(p, out)
+    dense = ln(torch.cat([p, p_new], -1), flt.norm_out_patch).permute(0, 3, 1, 2)
+
+    qc = (ln(cls, block.norm1) @ wq.T + bq).reshape(b, nh, hd)
+    kc = keys.mean(dim=(1, 2))  # (M, nh, hd)
+    ac = (torch.einsum("bnc,mnc->bnm", qc, kc) / m**0.5).softmax(-1)
+    outc = torch.einsum("bnm,mnc->bnc", ac, values).reshape(b, d)
+    cls_new = update(cls, outc)
+    cls_out = ln(torch.cat([cls, cls_new], -1), flt.norm_out_cls)
+    return cls_out, dense
+
+
+class TestObjectAwareFilter:
+    @pytest.mark.parametrize("prototype_size", [1, 3])
+    @pytest.mark.parametrize("hw", [(4, 5), (3, 3)])
+    def test_matches_reference(self, prototype_size: int, hw: tuple[int, int]) -> None:
+        block = _block()
+        flt = _filter(block, prototype_size=prototype_size)
+        torch.manual_seed(1)
+        cls = torch.randn(2, D, dtype=torch.float64)
+        patches = torch.randn(2, D, *hw, dtype=torch.float64)
+        cls_out, dense = flt(cls, patches)
+        ref_cls, ref_dense = _reference(flt, block, cls, patches)
+        assert cls_out.shape == (2, 2 * D)
+        assert dense.shape == (2, 2 * D, *hw)
+        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+
+    def test_zero_cross_attention_reduces_to_mlp_update(self) -> None:
+        block = _block()
+        flt = _filter(block)
+        # Force the cross-attention output to zero.
+        block.attn.proj.weight.data.zero_()
+        block.attn.proj.bias.data.zero_()
+        torch.manual_seed(2)
+        cls = torch.randn(3, D, dtype=torch.float64)
+        patches = torch.randn(3, D, 4, 4, dtype=torch.float64)
+        cls_out, dense = flt(cls, patches)
+
+        p = patches.flatten(2).transpose(1, 2)
+        mlp = block.mlp
+        norm2 = block.norm2
+
+        def expected(x: Tensor, norm_out: nn.LayerNorm) -> Tensor:
+            # [x ; x + MLP(LN(x))], independently computed.
+            h = F.layer_norm(x, (D,), norm2.weight, norm2.bias, norm2.eps)
+            h = mlp.fc2(F.gelu(mlp.fc1(h)))
+            cat = torch.cat([x, x + h], dim=-1)
+            return F.layer_norm(
+                cat, (2 * D,), norm_out.weight, norm_out.bias, norm_out.eps
+            )
+
+        exp_dense = expected(p, flt.norm_out_patch).transpose(1, 2).reshape(3, -1, 4, 4)
+        torch.testing.assert_close(dense, exp_dense, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            cls_out, expected(cls, flt.norm_out_cls), rtol=1e-10, atol=1e-10
+        )
+
+    def test_single_prototype_uniform_attention(self) -> None:
+        block = _block()
+        flt = _filter(block, num_prototypes=1)
+        torch.manual_seed(3)
+        patches = torch.randn(2, D, 4, 3, dtype=torch.float64)
+        cls = torch.randn(2, D, dtype=torch.float64)
+        attn = flt.patch_attention(patches)
+        assert attn.shape == (2, HEADS, 1, 4, 3)
+        torch.testing.assert_close(attn, torch.ones_like(attn))
+
+        # Every location reads the same value: proj(mean_d W_v LN_in(P)).
+        protos = F.layer_norm(
+            flt.prototypes.permute(0, 2, 3, 1),
+            (D,),
+            flt.norm_in.weight,
+            flt.norm_in.bias,
+            flt.norm_in.eps,
+        )
+        wv = block.attn.qkv.weight[2 * D :]
+        bv = block.attn.qkv.bias[2 * D :]
+        value = (protos @ wv.T + bv).reshape(-1, D).mean(0)
+        read = block.attn.proj(value)
+
+        def expected(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+            x_new = x + read
+            x_new = x_new + block.mlp(block.norm2(x_new))
+            out: Tensor = norm(torch.cat([x, x_new], dim=-1))
+            return out
+
+        cls_out, dense = flt(cls, patches)
+        p = patches.flatten(2).transpose(1, 2)
+        torch.testing.assert_close(
+            dense.flatten(2).transpose(1, 2),
+            expected(p, flt.norm_out_patch),
+            rtol=1e-10,
+            atol=1e-10,
+        )
+        torch.testing.assert_close(
+            cls_out, expected(cls, flt.norm_out_cls), rtol=1e-10, atol=1e-10
+        )
+
+    def test_attention_sums_to_one_over_prototypes(self) -> None:
+        flt = _filter(_block(), num_prototypes=7)
+        attn = flt.patch_attention(torch.randn(2, D, 3, 4, dtype=torch.float64))
+        torch.testing.assert_close(attn.sum(dim=2), torch.ones(2, HEADS, 3, 4).double())
+
+    @pytest.mark.parametrize("train_prototypes", [False, True])
+    def test_gradients(self, train_prototypes: bool) -> None:
+        block = _block(torch.float32)
+        flt = ObjectAwareFilter(
+            block, embed_dim=D, num_prototypes=4, train_prototypes=train_prototypes
+        )
+        cls = torch.randn(2, D, requires_grad=True)
+        patches = torch.randn(2, D, 3, 3, requires_grad=True)
+        cls_out, dense = flt(cls, patches)
+        (cls_out.square().sum() + dense.square().sum()).backward()
+        assert flt.prototypes.requires_grad
+        if train_prototypes:
+            assert flt.prototypes.grad is not None
+            assert flt.prototypes.grad.abs().sum() > 0
+        else:
+            assert flt.prototypes.grad is None
+        for param in (
+            flt.norm_in.weight,
+            flt.norm_out_patch.weight,
+            flt.norm_out_cls.weight,
+            block.attn.qkv.weight,
+            block.attn.proj.weight,
+            block.mlp.fc1.weight,
+        ):
+            assert param.grad is not None and param.grad.abs().sum() > 0
+        assert patches.grad is not None and cls.grad is not None
+
+    def test_block_is_shared_not_copied(self) -> None:
+        block = _block(torch.float32)
+        flt = ObjectAwareFilter(block, embed_dim=D, num_prototypes=4)
+        assert flt.block is block
+        assert sorted(flt.state_dict()) == [
+            "norm_in.bias",
+            "norm_in.weight",
+            "norm_out_cls.bias",
+            "norm_out_cls.weight",
+            "norm_out_patch.bias",
+            "norm_out_patch.weight",
+            "prototypes",
+            "prototypes_initialized",
+        ]
+        assert flt.prototypes.shape == (4, D, 3, 3)
+        cls, patches = torch.randn(1, D), torch.randn(1, D, 2, 2)
+        before = flt(cls, patches)[1]
+        mlp: Any = block.mlp
+        fc2 = mlp.fc2
+        fc2.bias.data += 1.0
+        after = flt(cls, patches)[1]
+        assert not torch.allclose(before, after)
+
+    def test_set_prototypes(self) -> None:
+        flt = ObjectAwareFilter(_block(torch.float32), embed_dim=D, num_prototypes=4)
+        assert not bool(flt.prototypes_initialized)
+        new = torch.randn(4, D * 9)
+        flt.set_prototypes(new)
+        assert bool(flt.prototypes_initialized)
+        torch.testing.assert_close(flt.prototypes.data, new.reshape(4, D, 3, 3))
+        flt.set_prototypes(new.reshape(4, D, 3, 3) * 2)
+        torch.testing.assert_close(flt.prototypes.data, 2 * new.reshape(4, D, 3, 3))
+        with pytest.raises(ValueError, match=r"\(4, 32, 3, 3\)"):
+            flt.set_prototypes(torch.randn(5, D, 3, 3))
+
+    def test_invalid_arguments(self) -> None:
+        block = _block(torch.float32)
+        with pytest.raises(ValueError, match="prototype_size"):
+            ObjectAwareFilter(block, embed_dim=D, prototype_size=2)
+        with pytest.raises(ValueError, match="num_prototypes"):
+            ObjectAwareFilter(block, embed_dim=D, num_prototypes=0)
+        with pytest.raises(ValueError, match="qkv"):
+            ObjectAwareFilter(block, embed_dim=D + 1)
+        with pytest.raises(ValueError, match="timm VisionTransformer Block"):
+            ObjectAwareFilter(nn.Linear(D, D), embed_dim=D)
+
+    def test_invalid_inputs(self) -> None:
+        flt = ObjectAwareFilter(_block(torch.float32), embed_dim=D, num_prototypes=4)
+        with pytest.raises(ValueError, match="patches must have shape"):
+            flt(torch.randn(2, D), torch.randn(2, D + 1, 3, 3))
+        with pytest.raises(ValueError, match="patches must have shape"):
+            flt(torch.randn(2, D), torch.randn(2, 9, D))
+        with pytest.raises(ValueError, match="cls must have shape"):
+            flt(torch.randn(3, D), torch.randn(2, D, 3, 3))
