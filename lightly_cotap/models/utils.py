@@ -39,6 +39,10 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------------------
 
 
+#: Rounding tolerance of the attention mass in foreground_mask_from_attention.
+_MASS_TOLERANCE = 1e-6
+
+
 def foreground_mask_from_attention(
     attention: Tensor,
     grid_size: tuple[int, int] | None = None,
@@ -50,8 +54,9 @@ def foreground_mask_from_attention(
 
     Follows DINO [1] / Leopart [2] as used by the CoTAP teacher [0]: the attention
     map is smoothed with a Gaussian blur and the smallest set of highest-attention
-    patches that together hold ``keep_mass`` of the (blurred) attention mass is kept.
-    Every kept patch has at least the (blurred) attention of every dropped patch.
+    patches that together hold ``keep_mass`` of the (blurred) attention mass is kept
+    (up to a rounding tolerance of 1e-6 of the mass). Every kept patch has at least the
+    (blurred) attention of every dropped patch.
 
     The blur uses reflect padding (torchvision's ``gaussian_blur``). For grids that
     are smaller than the kernel, the kernel size is reduced to the largest odd size
@@ -116,14 +121,15 @@ def foreground_mask_from_attention(
         att = gaussian_blur(
             att, kernel_size=[kernel_size, kernel_size], sigma=[blur_sigma, blur_sigma]
         )
-    flat = att.reshape(batch_size, height * width)
+    flat = att.reshape(batch_size, height * width).double()
     values, order = torch.sort(flat, dim=1, descending=True)
     total = values.sum(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     mass = values / total
     # Keep a patch if the mass of all patches with higher attention is below
-    # keep_mass, i.e. the smallest prefix that reaches keep_mass.
+    # keep_mass, i.e. the smallest prefix that reaches keep_mass (up to a 1e-6
+    # tolerance against rounding).
     mass_before = torch.cumsum(mass, dim=1) - mass
-    keep_sorted = mass_before < keep_mass
+    keep_sorted = mass_before < keep_mass - _MASS_TOLERANCE
     mask = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
     return mask.reshape(batch_size, height, width)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from lightly.models.modules.heads import DINOProjectionHead
 from torch import Tensor, nn
+from torch.nn.utils import parametrizations
 
 
 def _check_dims(**dims: int) -> None:
@@ -12,11 +16,59 @@ def _check_dims(**dims: int) -> None:
             raise ValueError(f"{name} must be positive, got {value}.")
 
 
-def _remove_bottleneck_bias(head: DINOProjectionHead) -> None:
-    """Drops the bias of the bottleneck Linear, like the official CoTAP Projector."""
+def _finalize_head(head: DINOProjectionHead) -> None:
+    """Adapts Lightly's DINO head to the official CoTAP Projector.
+
+    - Drops the bias of the bottleneck Linear (the official Projector has none).
+    - Re-creates the weight-normalised prototype layer with
+      ``torch.nn.utils.parametrizations.weight_norm`` (same function, norm fixed to 1)
+      instead of the deprecated ``torch.nn.utils.weight_norm``, so that the head can be
+      deep-copied for an EMA teacher.
+    """
     bottleneck = head.layers[-1]
     assert isinstance(bottleneck, nn.Linear)
     bottleneck.register_parameter("bias", None)
+
+    old = head.last_layer
+    last = nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        last.weight.copy_(old.weight_v)
+    last = parametrizations.weight_norm(last, name="weight", dim=0)
+    norm = last.parametrizations.weight.original0
+    with torch.no_grad():
+        norm.fill_(1.0)
+    norm.requires_grad_(False)
+    head.last_layer = last
+
+
+def _build_dino_head(
+    head: DINOProjectionHead,
+    input_dim: int,
+    hidden_dim: int,
+    bottleneck_dim: int,
+    output_dim: int,
+    freeze_last_layer: int,
+) -> None:
+    """Runs DINOProjectionHead.__init__ (silencing its weight_norm deprecation)."""
+    _check_dims(
+        input_dim=input_dim,
+        hidden_dim=hidden_dim,
+        bottleneck_dim=bottleneck_dim,
+        output_dim=output_dim,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        DINOProjectionHead.__init__(
+            head,
+            input_dim=input_dim,
+            hidden_dim=hidden_dim,
+            bottleneck_dim=bottleneck_dim,
+            output_dim=output_dim,
+            batch_norm=False,
+            freeze_last_layer=freeze_last_layer,
+            norm_last_layer=True,
+        )
+    _finalize_head(head)
 
 
 class CoTAPPatchProjectionHead(DINOProjectionHead):
@@ -24,10 +76,15 @@ class CoTAPPatchProjectionHead(DINOProjectionHead):
 
     A DINO-style head [1]: Linear(input_dim -> 2048) - GELU - Linear(2048 -> 2048) -
     GELU - Linear(2048 -> 256), L2 normalisation, then a weight-normalised prototype
-    layer Linear(256 -> 512, no bias) whose norm (``weight_g``) is fixed to 1
-    (``norm_last_layer=True``), so the outputs are cosine scores to K = 512
-    prototypes. No batch norm. Applied to every patch feature (width 2D with the
-    object-aware filter, e.g. 768 for ViT-S).
+    layer Linear(256 -> 512, no bias) whose norm is fixed to 1 (DINO's
+    ``norm_last_layer=True``: ``weight_g`` = 1 without gradient), so the outputs are
+    cosine scores to K = 512 prototypes. No batch norm. Applied to every patch feature
+    (width 2D with the object-aware filter, e.g. 768 for ViT-S).
+
+    The prototype layer uses ``torch.nn.utils.parametrizations.weight_norm`` (the norm
+    is ``last_layer.parametrizations.weight.original0``, the direction ``original1``)
+    rather than the deprecated ``torch.nn.utils.weight_norm`` of Lightly's head, so
+    that ``copy.deepcopy`` works for an EMA teacher head.
 
     As in the official ``Projector``, the bottleneck layer Linear(2048 -> 256) has no
     bias (Lightly's DINO head has one; it is removed here).
@@ -63,22 +120,14 @@ class CoTAPPatchProjectionHead(DINOProjectionHead):
         Raises:
             ValueError: If a dimension is not positive.
         """
-        _check_dims(
+        _build_dino_head(
+            self,
             input_dim=input_dim,
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,
             output_dim=output_dim,
-        )
-        super().__init__(
-            input_dim=input_dim,
-            hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim,
-            output_dim=output_dim,
-            batch_norm=False,
             freeze_last_layer=freeze_last_layer,
-            norm_last_layer=True,
         )
-        _remove_bottleneck_bias(self)
 
     def forward_dense(self, features: Tensor) -> Tensor:
         """Applies the head to every location of a feature map.
@@ -136,19 +185,11 @@ class CoTAPClsProjectionHead(DINOProjectionHead):
         Raises:
             ValueError: If a dimension is not positive.
         """
-        _check_dims(
+        _build_dino_head(
+            self,
             input_dim=input_dim,
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,
             output_dim=output_dim,
-        )
-        super().__init__(
-            input_dim=input_dim,
-            hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim,
-            output_dim=output_dim,
-            batch_norm=False,
             freeze_last_layer=freeze_last_layer,
-            norm_last_layer=True,
         )
-        _remove_bottleneck_bias(self)
