@@ -1,11 +1,17 @@
 """lightly_cotap.data package."""
 
+from lightly_cotap.data.copy_paste_scenes import (
+    CopyPasteScenes,
+    debian_backgrounds,
+    tuxpaint_class_folders,
+)
 from lightly_cotap.data.sample_images import (
     SampleImageDataset,
     load_sample_images,
     sample_image_dir,
     sample_image_paths,
 )
+from lightly_cotap.data.segmentation_folder import SegmentationFolder
 from lightly_cotap.data.semantic_pairs import (
     AugmentedPairDataset,
     NeighborIndex,
@@ -15,7 +21,11 @@ from lightly_cotap.data.semantic_pairs import (
 )
 
 __all__ = [
+    "CopyPasteScenes",
     "SampleImageDataset",
+    "SegmentationFolder",
+    "debian_backgrounds",
+    "tuxpaint_class_folders",
     "load_sample_images",
     "sample_image_dir",
     "sample_image_paths",
