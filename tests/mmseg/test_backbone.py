@@ -1,0 +1,314 @@
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+pytest.importorskip("mmseg")
+
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmseg.registry import MODELS, OPTIM_WRAPPERS  # noqa: E402
+
+import lightly_cotap.mmseg  # noqa: E402,F401
+from lightly_cotap.export import export_backbone  # noqa: E402
+from lightly_cotap.export import main as export_main  # noqa: E402
+from lightly_cotap.mmseg import (  # noqa: E402
+    CoTAPLayerDecayOptimWrapperConstructor,
+    CoTAPViT,
+    FrozenBackboneCheckHook,
+)
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer  # noqa: E402
+
+init_default_scope("mmseg")
+
+ARCH = "vit_tiny_patch16_224"
+TIMM: dict[str, Any] = dict(
+    depth=3, patch_size=8
+)  # tiny and fast: 3 blocks, 8x8 patches
+IMG = 48
+
+
+def _plugin(use_filter: bool = True, seed: int = 0) -> CoTAPVisionTransformer:
+    torch.manual_seed(seed)
+    model = CoTAPVisionTransformer(
+        ARCH, use_filter=use_filter, img_size=IMG, num_prototypes=8, **TIMM
+    )
+    if model.filter is not None:
+        model.filter.set_prototypes(torch.randn_like(model.filter.prototypes))
+    return model.eval()
+
+
+def _backbone_cfg(checkpoint: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = dict(
+        type="CoTAPViT",
+        arch=ARCH,
+        img_size=IMG,
+        num_prototypes=8,
+        timm_kwargs=TIMM,
+        out_indices=(0, 1, -1),
+    )
+    if checkpoint is not None:
+        cfg["init_cfg"] = dict(type="Pretrained", checkpoint=checkpoint)
+    cfg.update(kwargs)
+    return cfg
+
+
+def _build(checkpoint: str | None = None, **kwargs: Any) -> CoTAPViT:
+    backbone = MODELS.build(_backbone_cfg(checkpoint, **kwargs))
+    assert isinstance(backbone, CoTAPViT)
+    backbone.init_weights()
+    backbone.eval()
+    return backbone
+
+
+def _images(h: int = IMG, w: int = 64) -> Tensor:
+    return torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def plugin() -> CoTAPVisionTransformer:
+    return _plugin()
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory, plugin: Any) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("exports")
+    timm_path = str(root / "timm.pth")
+    export_backbone(plugin, timm_path)
+    mmseg_path = str(root / "mmseg.pth")
+    assert (
+        export_main(
+            ["--format", "mmseg", "--checkpoint", timm_path, "--output", mmseg_path]
+        )
+        == 0
+    )
+    return {"timm": timm_path, "mmseg": mmseg_path}
+
+
+@pytest.mark.parametrize("fmt", ["timm", "mmseg"])
+def test_equivalence_with_plugin(
+    fmt: str, plugin: CoTAPVisionTransformer, exports: dict[str, str]
+) -> None:
+    backbone = _build(exports[fmt])
+    x = _images()
+    with torch.no_grad():
+        outs = backbone(x)
+        ref = plugin(x).dense
+        inter = plugin.vit.forward_intermediates(
+            x, indices=[0, 1], norm=False, output_fmt="NCHW", intermediates_only=True
+        )
+    assert [tuple(o.shape) for o in outs] == [(2, 192, 6, 8)] * 2 + [(2, 384, 6, 8)]
+    assert backbone.out_channels == [192, 192, 384]
+    assert (outs[-1] - ref).abs().max() <= 1e-5
+    for out, expected in zip(outs[:2], inter):
+        assert (out - expected).abs().max() <= 1e-5
+
+
+def test_mmpretrain_prefix_and_stock_mmengine_loader(
+    plugin: CoTAPVisionTransformer, exports: dict[str, str]
+) -> None:
+    from mmengine.model.weight_init import PretrainedInit
+    from mmengine.runner.checkpoint import _load_checkpoint, load_checkpoint
+
+    # torch >= 2.6 loads with weights_only=True by default (mmengine does not pass it)
+    checkpoint = _load_checkpoint(exports["mmseg"], map_location="cpu")
+    assert checkpoint["meta"]["mmseg_backbone"]["type"] == "CoTAPViT"
+    assert all(k.startswith("backbone.model.") for k in checkpoint["state_dict"])
+
+    x = _images()
+    with torch.no_grad():
+        ref = plugin(x).dense
+    # mmpretrain convention: Pretrained(..., prefix='backbone.')
+    backbone = MODELS.build(_backbone_cfg())
+    backbone.init_cfg = dict(
+        type="Pretrained", checkpoint=exports["mmseg"], prefix="backbone."
+    )
+    backbone.init_weights()
+    with torch.no_grad():
+        assert (backbone.eval()(x)[-1] - ref).abs().max() <= 1e-5
+    # mmengine's stock initialiser (what BaseModule would do) fits the keys too
+    stock = _build()
+    PretrainedInit(checkpoint=exports["mmseg"], prefix="backbone.")(stock)
+    with torch.no_grad():
+        assert (stock(x)[-1] - ref).abs().max() <= 1e-5
+    # ... and so does `load_from` on the whole segmentor
+    segmentor = _segmentor(frozen=False, out_indices=(0, 1, -1))
+    load_checkpoint(segmentor, exports["mmseg"], strict=False)
+    with torch.no_grad():
+        assert (segmentor.backbone.eval()(x)[-1] - ref).abs().max() <= 1e-5
+
+
+def test_plain_timm_checkpoint_for_baselines(tmp_path: Path) -> None:
+    plain = _plugin(use_filter=False, seed=1)
+    path = tmp_path / "timm_vit.pth"
+    torch.save(plain.vit.state_dict(), path)  # a bare timm / DINO state dict
+    backbone = _build(str(path), use_filter=False)
+    x = _images()
+    with torch.no_grad():
+        assert (backbone(x)[-1] - plain(x).dense).abs().max() <= 1e-5
+    assert backbone.out_channels == [192, 192, 192]
+
+
+def test_padding_and_other_sizes(plugin: CoTAPVisionTransformer) -> None:
+    backbone = _build()
+    with torch.no_grad():
+        outs = backbone(torch.randn(1, 3, 50, 61))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(7, 8)] * 3
+
+
+def test_missing_file() -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        _build("/nonexistent/cotap.pth")
+
+
+def test_checkpoint_of_other_architecture(
+    tmp_path: Path, exports: dict[str, str]
+) -> None:
+    # exported (meta) checkpoint: architecture compared before loading
+    with pytest.raises(ValueError, match="embed_dim: checkpoint 192 vs config 384"):
+        _build(exports["timm"], arch="vit_small_patch16_224")
+    with pytest.raises(ValueError, match="num_prototypes: checkpoint 8 vs config 16"):
+        _build(exports["mmseg"], num_prototypes=16)
+    with pytest.raises(ValueError, match="use_filter"):
+        _build(exports["timm"], use_filter=False)
+    # bare state dict: shapes are compared key by key
+    path = tmp_path / "small.pth"
+    small = CoTAPVisionTransformer(
+        "vit_small_patch16_224", use_filter=False, img_size=IMG, **TIMM
+    )
+    torch.save(small.vit.state_dict(), path)
+    with pytest.raises(ValueError, match="(?s)does not fit.*patch_embed.proj.weight"):
+        _build(str(path), use_filter=False)
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="last block"):
+        MODELS.build(_backbone_cfg(out_indices=(0, 1)))
+    with pytest.raises(ValueError, match="increasing"):
+        MODELS.build(_backbone_cfg(out_indices=(1, 0, 2)))
+    with pytest.raises(ValueError, match="out_indices"):
+        MODELS.build(_backbone_cfg(out_indices=(5,)))
+    with pytest.raises(ValueError, match="Pretrained"):
+        MODELS.build(_backbone_cfg(init_cfg=dict(type="Kaiming")))
+    with pytest.raises(ValueError, match="either pretrained or init_cfg"):
+        MODELS.build(_backbone_cfg("a.pth", pretrained="b.pth"))
+
+
+def _segmentor(frozen: bool, out_indices: Any = (-1,)) -> Any:
+    return MODELS.build(
+        dict(
+            type="EncoderDecoder",
+            backbone=_backbone_cfg(frozen=frozen, out_indices=out_indices),
+            decode_head=dict(
+                type="FCNHead",
+                in_channels=384,
+                in_index=-1,
+                channels=384,
+                num_convs=0,
+                concat_input=False,
+                num_classes=3,
+            ),
+        )
+    )
+
+
+def test_frozen_backbone() -> None:
+    model = _segmentor(frozen=True)
+    model.train()
+    assert not model.backbone.model.training  # no drop path / dropout
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    out = model.backbone(_images())
+    assert not out[-1].requires_grad  # no graph through the backbone
+    # something re-enables gradients -> the optimiser would update the backbone
+    model.backbone.model.vit.blocks[0].attn.qkv.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="requires_grad=True"):
+        model.train()
+
+
+def test_layer_decay_constructor() -> None:
+    model = _segmentor(frozen=False)
+    constructor = CoTAPLayerDecayOptimWrapperConstructor(
+        dict(
+            type="OptimWrapper", optimizer=dict(type="AdamW", lr=1.0, weight_decay=0.05)
+        ),
+        dict(layer_decay_rate=0.5),
+    )
+    wrapper = constructor(model)
+    lrs: dict[int, float] = {}
+    for group in wrapper.optimizer.param_groups:
+        for param in group["params"]:
+            lrs[id(param)] = group["lr"]
+    named = dict(model.named_parameters())
+    depth = 3
+    assert lrs[id(named["backbone.model.vit.pos_embed"])] == 0.5 ** (depth + 1)
+    assert lrs[id(named["backbone.model.vit.blocks.0.attn.qkv.weight"])] == 0.5**depth
+    assert lrs[id(named["backbone.model.vit.blocks.2.mlp.fc1.weight"])] == 0.5**1
+    assert lrs[id(named["backbone.model.filter.norm_in.weight"])] == 0.5**1
+    assert lrs[id(named["decode_head.conv_seg.weight"])] == 1.0
+    # parameters segmentation cannot train are not in the optimiser
+    assert id(named["backbone.model.filter.prototypes"]) not in lrs
+    decay = {
+        id(p): g["weight_decay"]
+        for g in wrapper.optimizer.param_groups
+        for p in g["params"]
+    }
+    assert decay[id(named["backbone.model.vit.blocks.0.attn.qkv.bias"])] == 0.0
+    assert decay[id(named["backbone.model.vit.blocks.0.attn.qkv.weight"])] == 0.05
+
+    with pytest.raises(ValueError, match="frozen"):
+        constructor(_segmentor(frozen=True))
+    with pytest.raises(ValueError, match="extra keys"):
+        CoTAPLayerDecayOptimWrapperConstructor(
+            dict(optimizer=dict(type="AdamW", lr=1.0)), dict(custom_keys={})
+        )
+
+
+class _DecayEverything(torch.optim.Optimizer):
+    """Buggy optimiser: weight decay on every parameter, with or without grad."""
+
+    def __init__(self, params: Any, lr: float = 0.1) -> None:
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                param.mul_(1 - group["lr"])
+
+
+def test_frozen_check_hook_catches_optimiser_updating_backbone() -> None:
+    model = _segmentor(frozen=True)
+    wrapper = OPTIM_WRAPPERS.build(
+        dict(type="OptimWrapper", optimizer=_DecayEverything(model.parameters()))
+    )
+    runner = SimpleNamespace(model=model, optim_wrapper=wrapper)
+    hook = FrozenBackboneCheckHook()
+    hook.before_train(runner)
+    wrapper.step()
+    with pytest.raises(RuntimeError, match="_DecayEverything"):
+        hook.after_train_iter(runner, 0)
+
+    # a well-behaved optimiser passes
+    model = _segmentor(frozen=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    runner = SimpleNamespace(
+        model=model,
+        optim_wrapper=OPTIM_WRAPPERS.build(dict(type="OptimWrapper", optimizer=sgd)),
+    )
+    hook = FrozenBackboneCheckHook()
+    hook.before_train(runner)
+    model.train()
+    loss = model.decode_head(model.backbone(_images())).square().mean()
+    loss.backward()
+    sgd.step()
+    hook.after_train_iter(runner, 0)
+    hook.after_train(runner)
+
+    # unfrozen parameters are reported before training starts
+    model.backbone.model.vit.cls_token.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="cls_token"):
+        FrozenBackboneCheckHook().before_train(runner)
