@@ -208,6 +208,13 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 f"CoTAPViT loaded {self.init_cfg['checkpoint']}:\n{report.summary()}",
                 logger="current",
             )
+        elif self.init_cfg is None and self.frozen:
+            print_log(
+                "CoTAPViT is frozen but has no init_cfg checkpoint: probing randomly "
+                "initialised features.",
+                logger="current",
+                level="WARNING",
+            )
         self._is_init = True
 
     def load_checkpoint(
