@@ -6,7 +6,7 @@ the COCO-Stuff label hierarchy (12 "things" + 15 "stuff" super-categories).
 This module is the single copy of that mapping (taken from STEGO's data
 loader) and a converter that writes mmseg-style label maps:
 
-    python -m lightly_cotap.mmseg.cocostuff27 data/coco_stuff164k/annotations
+    python -m lightly_cotap.mmseg.convert_cocostuff27 data/coco_stuff164k/annotations
 
 reads every raw COCO-Stuff label map ``<id>.png`` (values 0-181 = COCO ids - 1,
 255 = unlabeled) below the folder and writes ``<id>_labelTrainIds27.png`` next
@@ -192,7 +192,7 @@ def convert_folder(root: str | os.PathLike[str], nproc: int = 1) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point of the converter."""
     parser = argparse.ArgumentParser(
-        prog="python -m lightly_cotap.mmseg.cocostuff27",
+        prog="python -m lightly_cotap.mmseg.convert_cocostuff27",
         description="Convert raw COCO-Stuff 164k label maps (0-181) to the 27 "
         "coarse classes used by dense SSL papers; writes <id>"
         f"{LABEL_SUFFIX} next to every <id>.png.",
@@ -202,7 +202,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     written = convert_folder(args.root, nproc=args.nproc)
     print(f"Wrote {len(written)} label maps.")
-
-
-if __name__ == "__main__":
-    main()

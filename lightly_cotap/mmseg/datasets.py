@@ -19,7 +19,7 @@ class COCOStuff27Dataset(BaseSegDataset):  # type: ignore[misc]
     """COCO-Stuff with the 27 coarse classes used by dense SSL papers [0].
 
     Images ``<id>.jpg`` and label maps ``<id>_labelTrainIds27.png`` (written by
-    ``python -m lightly_cotap.mmseg.cocostuff27``; values 0-26, 255 = ignore).
+    ``python -m lightly_cotap.mmseg.convert_cocostuff27``; values 0-26, 255 = ignore).
     Set ``ann_file`` to STEGO's curated list
     (``curated/train2017/Coco164kFull_Stuff_Coarse.txt``) for the curated split,
     or leave it empty to use every image of the folder.

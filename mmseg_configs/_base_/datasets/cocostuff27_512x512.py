@@ -5,7 +5,7 @@
 #   data/coco_stuff164k/annotations/{train2017,val2017}/<id>.png   (raw 0-181)
 #   data/coco_stuff164k/curated/{train2017,val2017}/Coco164kFull_Stuff_Coarse.txt
 # Write the 27-class label maps <id>_labelTrainIds27.png with
-#   python -m lightly_cotap.mmseg.cocostuff27 data/coco_stuff164k/annotations
+#   python -m lightly_cotap.mmseg.convert_cocostuff27 data/coco_stuff164k/annotations
 # (set ann_file='' to train / evaluate on every image instead).
 dataset_type = "COCOStuff27Dataset"
 data_root = "data/coco_stuff164k"
