@@ -81,3 +81,14 @@ def test_convert_folder(tmp_path: Path) -> None:
         convert_folder(tmp_path / "missing")
     with pytest.raises(ValueError, match="nproc"):
         convert_folder(tmp_path, nproc=0)
+
+
+def test_command_line_with_worker_processes(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((4, 5), 168, dtype=np.uint8)).save(
+            tmp_path / f"{name}.png"
+        )
+    cocostuff27.main([str(tmp_path), "--nproc", "2"])
+    for name in ("a", "b", "c"):
+        coarse = np.asarray(Image.open(tmp_path / f"{name}_labelTrainIds27.png"))
+        assert (coarse == COARSE_CLASSES.index("plant")).all()
