@@ -9,9 +9,9 @@ on the validation features only:
    ``max_iter`` Lloyd iterations) with K = number of classes, or K > C for
    overclustering;
 4. assign every pixel at the label size to its nearest centroid;
-5. match clusters to classes: Hungarian (one-to-one) for K = C, greedy many-to-one for
-   K > C; mIoU and pixel accuracy over the C classes
-   (:mod:`lightly_cotap.eval.metrics`).
+5. match clusters to classes: Hungarian (one-to-one) for K = C, greedy many-to-one
+   (each cluster to the class covering most of its pixels) for K > C; mIoU and pixel
+   accuracy over the C classes (:mod:`lightly_cotap.eval.metrics`).
 
 Leopart upsamples the feature maps to 100x100 *before* clustering. Here k-means is fit
 on the patch features (N * h * w vectors instead of N * 100 * 100, including patches
@@ -169,6 +169,7 @@ def kmeans_segmentation(
     *,
     num_clusters: int | None = None,
     matching: Literal["auto", "hungarian", "greedy"] = "auto",
+    precision_based: bool = True,
     pca_dim: int | None = 50,
     standardize: bool = True,
     n_init: int = 5,
@@ -187,6 +188,8 @@ def kmeans_segmentation(
         num_clusters: K; defaults to C. K > C is overclustering.
         matching: ``"hungarian"`` (one-to-one; unmatched clusters become class 0),
             ``"greedy"`` (many-to-one) or ``"auto"`` (Hungarian if K <= C, else greedy).
+        precision_based: Greedy matching by precision (Leopart / NeCo) rather than
+            IoU, see :func:`~lightly_cotap.eval.metrics.greedy_match`.
         pca_dim: PCA dimensions (``None``: no PCA).
         standardize: Standardise features before PCA.
         n_init: k-means restarts.
@@ -235,11 +238,17 @@ def kmeans_segmentation(
         ignore_index=ignore_index,
     )
     result: dict[str, Any] = dict(
-        matched_metrics(conf, matching=matching, absent_classes=absent_classes)
+        matched_metrics(
+            conf,
+            matching=matching,
+            absent_classes=absent_classes,
+            precision_based=precision_based,
+        )
     )
     result["settings"] = {
         "num_clusters": k,
         "matching": matching,
+        "precision_based": precision_based if matching == "greedy" else None,
         "pca_dim": pca_dim,
         "standardize": standardize,
         "n_init": n_init,

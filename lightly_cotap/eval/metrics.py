@@ -212,17 +212,20 @@ def hungarian_match(conf: Tensor, *, unmatched_label: int = 0) -> Tensor:
     return torch.from_numpy(mapping)
 
 
-def greedy_match(conf: Tensor, *, precision_based: bool = False) -> Tensor:
+def greedy_match(conf: Tensor, *, precision_based: bool = True) -> Tensor:
     """Many-to-one assignment for overclustering: each cluster goes to its best class.
 
     Following Leopart / NeCo [0, 2], every cluster is mapped to the ground-truth class
-    with which it has the highest IoU (or the highest precision, i.e. the class that
-    covers most of its pixels, with ``precision_based=True``). Several clusters can map
-    to the same class.
+    that covers most of its pixels (highest precision; ``precision_based=True``, the
+    setting both evaluation scripts use for overclustering) or with which it has the
+    highest IoU (``precision_based=False``). Several clusters can map to the same
+    class. IoU-based matching sends small clusters on object boundaries to the object
+    class even when they hold mostly background (the background's large area makes
+    its IoU with any small cluster tiny), so it is not the default.
 
     Args:
         conf: Confusion matrix of ground-truth classes vs clusters. Shape: (C, K).
-        precision_based: Use precision instead of IoU.
+        precision_based: Use precision (default) instead of IoU.
 
     Returns:
         ``mapping[k]`` = class of cluster k. Shape: (K,), int64.
@@ -265,7 +268,7 @@ def matched_metrics(
     matching: Literal["hungarian", "greedy"] = "hungarian",
     absent_classes: AbsentClasses = "zero",
     unmatched_label: int = 0,
-    precision_based: bool = False,
+    precision_based: bool = True,
 ) -> dict[str, Any]:
     """Metrics of cluster predictions after matching clusters to classes.
 

@@ -144,7 +144,7 @@ def retrieve_labels(
     *,
     k: int = 30,
     temperature: float = 0.02,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     device: str | torch.device = "cpu",
 ) -> Tensor:
     """Soft label transfer from the k nearest memory patches (cosine similarity).
@@ -155,7 +155,8 @@ def retrieve_labels(
         labels: Memory label histograms. Shape: (M, C).
         k: Neighbours per query (capped at M).
         temperature: Softmax temperature on the cosine similarities.
-        chunk_size: Queries per similarity block (bounds memory at chunk_size * M).
+        chunk_size: Queries per similarity block (the block holds chunk_size * M
+            floats); ``None`` picks ``2**25 // M`` (a 128 MB block).
         device: Device of the similarity computation.
 
     Returns:
@@ -174,6 +175,10 @@ def retrieve_labels(
     keys = keys.to(device, torch.float32)
     labels = labels.to(device, torch.float32)
     k = min(k, keys.shape[0])
+    if chunk_size is None:
+        chunk_size = max(1, 2**25 // keys.shape[0])
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
     out = []
     for i in range(0, queries.shape[0], chunk_size):
         q = F.normalize(queries[i : i + chunk_size].to(device, torch.float32), dim=-1)
@@ -191,7 +196,8 @@ def retrieval_segmentation(
     k: int = 30,
     temperature: float = 0.02,
     memory_size: int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
+    images_per_chunk: int = 16,
     ignore_index: int = 255,
     absent_classes: AbsentClasses = "zero",
     seed: int = 0,
@@ -208,6 +214,7 @@ def retrieval_segmentation(
         temperature: Softmax temperature (0.02 in [0]).
         memory_size: See :func:`build_memory`.
         chunk_size: See :func:`retrieve_labels`.
+        images_per_chunk: Validation images whose class scores are upsampled at once.
         ignore_index: Mask value excluded from histograms and metric.
         absent_classes: See :func:`~lightly_cotap.eval.metrics.metrics_from_confusion`.
         seed: See :func:`build_memory`.
@@ -235,7 +242,8 @@ def retrieval_segmentation(
     )
     n, c, h, w = val.features.shape
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    images_per_chunk = max(1, chunk_size // (h * w))
+    if images_per_chunk <= 0:
+        raise ValueError(f"images_per_chunk must be positive, got {images_per_chunk}.")
     for i in tqdm(
         range(0, n, images_per_chunk), desc="retrieval", disable=not progress
     ):

@@ -110,6 +110,10 @@ def test_retrieve_labels_matches_brute_force() -> None:
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="k and temperature"):
         retrieve_labels(torch.randn(2, 3), torch.randn(4, 3), torch.rand(4, 2), k=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        retrieve_labels(
+            torch.randn(2, 3), torch.randn(4, 3), torch.rand(4, 2), chunk_size=0
+        )
     with pytest.raises(ValueError, match="must agree"):
         retrieve_labels(torch.randn(2, 3), torch.randn(4, 5), torch.rand(4, 2))
     train = _dataset(2, 0, True)

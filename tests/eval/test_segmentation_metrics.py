@@ -137,8 +137,9 @@ def test_greedy_iou_versus_precision() -> None:
     clusters = torch.tensor([0] * 8 + [1] * 3 + [1] * 2)
     conf = confusion_matrix(clusters, target, 2)
     assert iou_matrix(conf)[:, 1].tolist() == pytest.approx([3 / 13, 2 / 5])
-    assert greedy_match(conf).tolist() == [0, 1]
+    assert greedy_match(conf, precision_based=False).tolist() == [0, 1]
     assert greedy_match(conf, precision_based=True).tolist() == [0, 0]
+    assert greedy_match(conf).tolist() == [0, 0]  # precision is the default
 
 
 def test_remap_confusion_equals_relabelled_predictions() -> None:
