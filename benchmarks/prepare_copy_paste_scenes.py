@@ -147,7 +147,10 @@ def main() -> None:
             print(f"backgrounds: {len(photos)} photos")
         classes: list[str] | None = list(TUXPAINT_CLASSES)
     else:
-        objects, backgrounds, classes = args.objects, args.backgrounds, None
+        objects, backgrounds = args.objects, args.backgrounds
+        folders = {p.name for p in objects.iterdir() if p.is_dir()}
+        # Keep the Tux Paint label order when the folders are the Tux Paint classes.
+        classes = list(TUXPAINT_CLASSES) if folders == set(TUXPAINT_CLASSES) else None
 
     for split, num, seed in (
         ("train", args.train, args.seed),
