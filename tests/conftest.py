@@ -8,10 +8,10 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _single_torch_thread() -> Iterator[None]:
-    """Runs the dense-evaluation tests on one intra-op thread.
+    """Runs every test on one intra-op thread.
 
-    On a shared 2-core machine, torch's default thread pool makes the small probe
-    trainings up to ~30x slower through oversubscription.
+    The suite runs with ``pytest -n 2`` on 2 cores: one torch thread per worker avoids
+    oversubscription, which made small trainings up to ~30x slower.
     """
     num_threads = torch.get_num_threads()
     torch.set_num_threads(1)
