@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from lightly_cotap.export import (
+    export_backbone,
+    export_state_dict,
+    load_backbone,
+    main,
+)
+from lightly_cotap.models import CoTAPVisionTransformer
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def _trained_like(model: CoTAPVisionTransformer) -> CoTAPVisionTransformer:
+    """Perturbs all weights (incl. norms and prototypes) so nothing is at its init."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    if model.filter is not None:
+        model.filter.set_prototypes(torch.randn_like(model.filter.prototypes))
+    return model.eval()
+
+
+def _max_abs_diff(a: CoTAPVisionTransformer, b: CoTAPVisionTransformer) -> float:
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out_a = a(x, return_fg_mask=True)
+        out_b = b(x, return_fg_mask=True)
+    assert out_a.fg_mask is not None and out_b.fg_mask is not None
+    assert torch.equal(out_a.fg_mask, out_b.fg_mask)
+    return max(
+        float((out_a.cls - out_b.cls).abs().max()),
+        float((out_a.dense - out_b.dense).abs().max()),
+    )
+
+
+@pytest.mark.parametrize("use_filter", [True, False])
+def test_round_trip_timm_name(
+    tmp_path: Path, use_filter: bool, no_network: None
+) -> None:
+    torch.manual_seed(0)
+    model = _trained_like(
+        CoTAPVisionTransformer(
+            "vit_tiny_patch16_224",
+            img_size=96,
+            depth=2,
+            use_filter=use_filter,
+            num_prototypes=8,
+        )
+    )
+    path = tmp_path / "backbone.pth"
+    export_backbone(model, path)
+    loaded = load_backbone(path)
+    assert loaded.arch == "vit_tiny_patch16_224"
+    assert loaded.use_filter == use_filter and loaded.out_dim == model.out_dim
+    assert _max_abs_diff(model, loaded) == 0.0
+    if use_filter:
+        assert loaded.prototypes_initialized
+        assert torch.equal(loaded.prototypes, model.prototypes)
+
+
+def test_round_trip_custom_vit_with_registers(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=48,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        reg_tokens=2,
+        no_embed_class=True,
+        init_values=1e-5,
+        qkv_bias=False,
+        num_classes=0,
+    )
+    model = _trained_like(
+        CoTAPVisionTransformer(vit, num_prototypes=5, prototype_size=1)
+    )
+    meta = model.get_meta()
+    assert meta["arch"] is None  # rebuilt from the structure
+    path = tmp_path / "custom.pth"
+    export_backbone(model, path)
+    loaded = CoTAPVisionTransformer.from_checkpoint(path)
+    assert loaded.num_prefix_tokens == 3 and loaded.prototype_size == 1
+    assert _max_abs_diff(model, loaded) == 0.0
+
+
+def test_exported_file_format(tmp_path: Path) -> None:
+    model = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64, depth=2)
+    path = tmp_path / "backbone.pth"
+    export_backbone(model, path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(ckpt) == {"meta", "state_dict"}
+    keys = set(ckpt["state_dict"])
+    assert "patch_embed.proj.weight" in keys and "blocks.1.attn.qkv.weight" in keys
+    assert not any(k.startswith("vit.") for k in keys)
+    assert "norm.weight" not in keys  # no final norm with the filter
+    assert {k for k in keys if k.startswith("filter.")} == {
+        "filter.prototypes",
+        "filter.prototypes_initialized",
+        "filter.norm_in.weight",
+        "filter.norm_in.bias",
+        "filter.norm_out_patch.weight",
+        "filter.norm_out_patch.bias",
+        "filter.norm_out_cls.weight",
+        "filter.norm_out_cls.bias",
+    }
+    meta = ckpt["meta"]
+    assert meta["arch"] == "vit_tiny_patch16_224"
+    assert (meta["embed_dim"], meta["depth"], meta["num_heads"]) == (192, 2, 3)
+    assert meta["patch_size"] == 16 and meta["num_reg_tokens"] == 0
+    assert meta["use_filter"] is True
+    assert (meta["num_prototypes"], meta["prototype_size"]) == (64, 3)
+    assert meta["out_dim"] == 384 and meta["img_size"] == [64, 64]
+    # The timm keys load into a plain timm ViT (the filter keys are extra).
+    vit = VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=0
+    )
+    result = vit.load_state_dict(ckpt["state_dict"], strict=False)
+    assert set(result.missing_keys) == {"norm.weight", "norm.bias"}
+    assert set(result.unexpected_keys) == {k for k in keys if k.startswith("filter.")}
+
+
+def test_cli_converts_lightning_checkpoint(tmp_path: Path, no_network: None) -> None:
+    torch.manual_seed(0)
+    # Full depth: the CLI builds the named architecture as is.
+    student = _trained_like(
+        CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64, num_prototypes=6)
+    )
+    teacher = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64)
+    state = {"student_backbone." + k: v for k, v in student.state_dict().items()}
+    state.update({"teacher_backbone." + k: v for k, v in teacher.state_dict().items()})
+    ckpt_path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "epoch": 1}, ckpt_path)
+    out_path = tmp_path / "exported.pth"
+    code = main(
+        [
+            "--checkpoint",
+            str(ckpt_path),
+            "--output",
+            str(out_path),
+            "--arch",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "64",
+        ]
+    )
+    assert code == 0
+    loaded = load_backbone(out_path)
+    assert loaded.num_prototypes == 6  # read from the checkpoint's prototypes
+    assert _max_abs_diff(student, loaded) == 0.0
+    # Re-exporting an export needs no architecture arguments.
+    again = tmp_path / "again.pth"
+    assert main(["--checkpoint", str(out_path), "--output", str(again)]) == 0
+    assert _max_abs_diff(student, load_backbone(again)) == 0.0
+
+
+def test_cli_needs_arch_without_meta(tmp_path: Path) -> None:
+    model = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64, depth=2)
+    path = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(ValueError, match="--arch"):
+        main(["--checkpoint", str(path), "--output", str(tmp_path / "x.pth")])
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="CoTAPVisionTransformer"):
+        export_state_dict(torch.nn.Linear(2, 2))  # type: ignore[arg-type]
+    path = tmp_path / "nometa.pth"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match="no 'meta'"):
+        load_backbone(path)
+    # A checkpoint of another architecture does not load into a model.
+    small = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64, depth=2)
+    export_backbone(small, tmp_path / "tiny.pth")
+    other = CoTAPVisionTransformer(
+        "vit_tiny_patch16_224", img_size=64, depth=2, embed_dim=96, num_heads=3
+    )
+    with pytest.raises(
+        ValueError, match=r"checkpoint shape \(1, 1, 192\) vs model shape \(1, 1, 96\)"
+    ):
+        other.load_pretrained(tmp_path / "tiny.pth")
