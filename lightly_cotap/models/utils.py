@@ -320,7 +320,10 @@ class CheckpointLoadReport:
             know and that are not in ``ignored_keys``.
         ignored_keys: Checkpoint keys that were deliberately not loaded, mapped to the
             reason (e.g. classifier heads, the final norm that CoTAP drops, the
-            teacher copy of a student/teacher checkpoint).
+            teacher copy of a student/teacher checkpoint). Keys outside the selected
+            backbone are named ``"<sub-dict>:<original key>"`` (e.g.
+            ``"state_dict:net_teacher.model.kernel"``), keys inside it by their
+            canonical (timm / ``filter.*``) name.
         resampled_keys: Keys whose value was resampled to the model's shape (the
             position embedding for another image size).
     """
@@ -666,13 +669,34 @@ def load_backbone_state_dict(
         if fatal_missing or report.unexpected_keys:
             raise ValueError(
                 "Checkpoint keys do not match the model (strict=True):\n"
-                f"  missing in checkpoint: {fatal_missing}\n"
-                f"  unexpected in checkpoint: {report.unexpected_keys}\n"
-                "Pass strict=False to load the matching keys only."
+                f"  missing in checkpoint: {_summarize_keys(fatal_missing)}\n"
+                "  unexpected in checkpoint: "
+                f"{_summarize_keys(report.unexpected_keys)}\n"
+                "Pass strict=False to load the matching keys only (the returned "
+                "report lists every key)."
             )
     result = model.load_state_dict(mapped, strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     return report
+
+
+def _summarize_keys(keys: list[str], max_block_keys: int = 3) -> list[str]:
+    """Lists keys, collapsing blocks with many keys to 'blocks.N.* (n keys)'."""
+    per_block: dict[str, list[str]] = {}
+    for key in keys:
+        match = re.match(r"^(blocks\.\d+\.)", key)
+        if match is not None:
+            per_block.setdefault(match.group(1), []).append(key)
+    out: list[str] = []
+    done: set[str] = set()
+    for key in keys:
+        match = re.match(r"^(blocks\.\d+\.)", key)
+        if match is None or len(per_block[match.group(1)]) <= max_block_keys:
+            out.append(key)
+        elif match.group(1) not in done:
+            done.add(match.group(1))
+            out.append(f"{match.group(1)}* ({len(per_block[match.group(1)])} keys)")
+    return out
 
 
 def _resample_pos_embed(vit: Any, value: Tensor, expected: Tensor) -> Tensor | None:
