@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from lightly_cotap.cli import main
+from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
+from lightly_cotap.export import export_backbone
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+
+# Real photos shipped with scikit-image (CC0 / public domain).
+OBJECT_PHOTOS = {"cat": "chelsea", "cup": "coffee", "rocket": "rocket"}
+BACKGROUNDS = ("camera", "brick", "grass", "gravel", "moon")
+SIZE = 32
+NUM_CLASSES = 1 + len(OBJECT_PHOTOS)
+EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
+
+
+def _cutout(photo: np.ndarray, box: tuple[int, int, int, int]) -> Image.Image:
+    """RGBA cut-out of a photo crop with an elliptical alpha mask."""
+    x0, y0, x1, y1 = box
+    rgb = photo[y0:y1, x0:x1]
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2
+    return Image.fromarray(np.dstack([rgb, ((r <= 1.0) * 255).astype(np.uint8)]))
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train/`` and ``test/`` image + mask folders of copy-paste scenes."""
+    root = tmp_path_factory.mktemp("eval_command")
+    objects, backgrounds = root / "objects", root / "backgrounds"
+    for name, photo_name in OBJECT_PHOTOS.items():
+        photo = getattr(skimage.data, photo_name)()
+        h, w = photo.shape[:2]
+        (objects / name).mkdir(parents=True)
+        for i, box in enumerate(
+            [(0, 0, w // 2, h // 2), (w // 3, h // 4, w, h), (w // 4, 0, 3 * w // 4, h)]
+        ):
+            _cutout(photo, box).save(objects / name / f"{name}{i}.png")
+    backgrounds.mkdir()
+    for name in BACKGROUNDS:
+        Image.fromarray(getattr(skimage.data, name)()).save(backgrounds / f"{name}.png")
+    for split, num, seed in (("train", 12, 0), ("test", 6, 1)):
+        CopyPasteScenes(
+            objects,
+            backgrounds,
+            split=split,  # type: ignore[arg-type]
+            num_samples=num,
+            image_size=SIZE,
+            seed=seed,
+            max_background_side=128,
+        ).save(root / split, image_format="png", progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    model = CoTAPVisionTransformer(
+        "vit_tiny_patch16_224", depth=2, img_size=SIZE, num_prototypes=4
+    )
+    path = tmp_path_factory.mktemp("ckpt") / "backbone.pth"
+    export_backbone(model, path)
+    return path
+
+
+def _args(scenes: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "eval",
+        "--checkpoint",
+        str(checkpoint),
+        "--images",
+        str(scenes / "train/images"),
+        "--masks",
+        str(scenes / "train/masks"),
+        "--image-size",
+        str(SIZE),
+        "--label-size",
+        "16",
+        "--probe-steps",
+        "30",
+        "--batch-size",
+        "8",
+        "--num-visualize",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def _check_metrics(report: dict[str, Any], num_classes: int) -> None:
+    for name in EVALUATIONS:
+        result = report[name]
+        assert 0.0 <= result["miou"] <= 1.0, name
+        assert 0.0 <= result["pixel_accuracy"] <= 1.0, name
+        assert len(result["iou_per_class"]) == num_classes, name
+        assert result["seconds"] >= 0.0
+
+
+def test_eval_exported_backbone_end_to_end(
+    scenes: Path, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    val = [
+        "--val-images",
+        str(scenes / "test/images"),
+        "--val-masks",
+        str(scenes / "test/masks"),
+    ]
+    assert main(_args(scenes, exported, out, *val)) == 0
+    report = json.loads((out / "report.json").read_text())
+    _check_metrics(report, NUM_CLASSES)
+    settings = report["settings"]
+    assert settings["num_classes"] == NUM_CLASSES  # inferred from the masks
+    assert settings["num_train_images"] == 12 and settings["num_val_images"] == 6
+    assert settings["class_names"] == ["background", "cat", "cup", "rocket"]
+    # 2 * 192 channels (object-aware filter) on a 2 x 2 patch grid.
+    assert settings["feature_shape"] == [384, 2, 2]
+    assert report["checkpoint"]["use_filter"] is True
+    assert report["overclustering"]["settings"]["num_clusters"] == 4 * NUM_CLASSES
+    for name in ("pca.png", "similarity.png"):
+        with Image.open(out / name) as image:
+            assert image.mode == "RGB"
+            # 3 rows (images) of 2 cells of 32 px.
+            assert image.height >= 3 * SIZE and image.width >= 2 * SIZE
+    printed = capsys.readouterr().out
+    for name in EVALUATIONS:
+        assert f"| {name} | {100 * report[name]['miou']:.2f} |" in printed
+    assert "| rocket |" in printed
+
+
+def test_eval_training_checkpoint_with_val_fraction(
+    scenes: Path, tmp_path: Path
+) -> None:
+    # A Lightning-style training checkpoint without meta: student and teacher copies
+    # of a plain ViT (no filter); the student is selected, --arch rebuilds it.
+    torch.manual_seed(1)
+    student = CoTAPVisionTransformer(
+        "vit_tiny_patch16_224", use_filter=False, img_size=SIZE
+    )
+    teacher_state = {k: torch.zeros_like(v) for k, v in student.state_dict().items()}
+    state_dict = {f"student_backbone.{k}": v for k, v in student.state_dict().items()}
+    state_dict |= {f"teacher_backbone.{k}": v for k, v in teacher_state.items()}
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state_dict, "epoch": 3}, checkpoint)
+    out = tmp_path / "out"
+    args = _args(
+        scenes,
+        checkpoint,
+        out,
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--val-fraction",
+        "0.25",
+        "--num-classes",
+        "5",
+        "--skip",
+        "overclustering",
+        "--num-visualize",
+        "0",
+    )
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "overclustering" not in report and "visualizations" not in report
+    for name in ("linear_probe", "kmeans", "retrieval"):
+        assert len(report[name]["iou_per_class"]) == 5
+    assert report["settings"]["num_train_images"] == 9
+    assert report["settings"]["num_val_images"] == 3
+    assert report["settings"]["feature_shape"] == [192, 2, 2]
+    assert report["checkpoint"]["use_filter"] is False
+    assert not (out / "pca.png").exists()
+
+
+def _no_match(tmp: Path, scenes: Path) -> Path:
+    masks = tmp / "renamed_masks"
+    masks.mkdir()
+    for path in sorted((scenes / "train/masks").iterdir()):
+        (masks / f"x{path.name}").write_bytes(path.read_bytes())
+    return masks
+
+
+def _rgb_masks(tmp: Path, scenes: Path) -> Path:
+    masks = tmp / "rgb_masks"
+    masks.mkdir()
+    for path in sorted((scenes / "train/masks").iterdir()):
+        Image.open(path).convert("RGB").save(masks / path.name)
+    return masks
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_images", "--images"),
+        ("no_matching_stems", "no mask"),
+        ("rgb_masks", "single-channel"),
+        ("text_checkpoint", "cannot load --checkpoint"),
+        ("garbage_checkpoint", "not a readable PyTorch checkpoint"),
+        ("no_meta_no_arch", "--arch"),
+        ("missing_checkpoint", "is not a file"),
+        ("too_few_classes", "--num-classes"),
+        ("val_images_only", "--val-masks"),
+    ],
+)
+def test_eval_bad_inputs(
+    case: str,
+    message: str,
+    scenes: Path,
+    exported: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("previous")  # must survive a failed run
+    checkpoint = exported
+    args = _args(scenes, checkpoint, out)
+    if case == "missing_images":
+        args[args.index("--images") + 1] = str(tmp_path / "nope")
+    elif case == "no_matching_stems":
+        args[args.index("--masks") + 1] = str(_no_match(tmp_path, scenes))
+    elif case == "rgb_masks":
+        args[args.index("--masks") + 1] = str(_rgb_masks(tmp_path, scenes))
+    elif case == "text_checkpoint":
+        checkpoint = tmp_path / "notes.pth"
+        checkpoint.write_text("not a checkpoint")
+        args[args.index("--checkpoint") + 1] = str(checkpoint)
+    elif case == "garbage_checkpoint":
+        checkpoint = tmp_path / "garbage.pth"
+        checkpoint.write_bytes(b"hello")
+        args[args.index("--checkpoint") + 1] = str(checkpoint)
+    elif case == "no_meta_no_arch":
+        checkpoint = tmp_path / "timm.pth"
+        model = CoTAPVisionTransformer(
+            "vit_tiny_patch16_224", depth=2, use_filter=False, img_size=SIZE
+        )
+        torch.save(model.vit.state_dict(), checkpoint)
+        args[args.index("--checkpoint") + 1] = str(checkpoint)
+    elif case == "missing_checkpoint":
+        args[args.index("--checkpoint") + 1] = str(tmp_path / "missing.pth")
+    elif case == "too_few_classes":
+        args += ["--num-classes", "2"]
+    elif case == "val_images_only":
+        args += ["--val-images", str(scenes / "test/images")]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lightly-cotap eval: error:" in err and message in err
+    assert "Traceback" not in err
+    assert (out / "report.json").read_text() == "previous"
+    assert not (out / "pca.png").exists()
