@@ -1,0 +1,565 @@
+"""Dense-feature quality of CoTAP post-training on real copy-paste scenes (issue 7).
+
+Mirrors the paper's protocol [0] (CoTAP continues an image-level SSL checkpoint), at a
+scale that runs on a 2-core CPU:
+
+- stage 1: a tiny ViT (timm ``vit_tiny``, depth 4, patch 8) is trained from random
+  initialisation with a DINO-style image-level objective (Lightly's
+  ``DINOProjectionHead`` + ``DINOLoss``, EMA teacher, multi-crop) on the training
+  scenes of :class:`~lightly_cotap.data.CopyPasteScenes` -> checkpoint P;
+- stage 2 continues from P for the same number of steps with
+  (a) the DINO objective only,
+  (b) the full CoTAP objective (:class:`~lightly_cotap.train.cotap_module.CoTAPModule`:
+      CoTAP ranking + patch cluster + CLS terms + object-aware filter, positives
+      from a :class:`~lightly_cotap.data.NeighborIndex` of P's CLS embeddings through
+      :class:`~lightly_cotap.data.SemanticPairDataset`),
+  (c) the same without the ranking loss (``cotap_weight=0``),
+  (d) DenseCL built from Lightly's components (``DenseCLProjectionHead``,
+      ``NTXentLoss`` with memory banks, ``select_most_similar``, EMA key encoder);
+- P and (a)-(d) are evaluated with :func:`~lightly_cotap.eval.evaluate_dense` on
+  disjoint test scenes (unseen objects and backgrounds): linear-probe, k-means
+  (K = classes, Hungarian) and retrieval mIoU; mean and standard deviation over seeds.
+
+All stage-2 runs share the crops (:class:`~lightly_cotap.transforms.CoTAPTransform`),
+the optimiser (AdamW, cosine learning rate) and the number of steps. Usage::
+
+    python benchmarks/dense_quality.py            # ~30 min on 2 cores
+    python benchmarks/dense_quality.py --quick    # smoke run, ~1-2 min
+
+The object cut-outs and backgrounds come from
+``benchmarks/prepare_copy_paste_scenes.py`` (``--objects`` / ``--backgrounds``
+default to its cache folders). The table is printed and written to ``--out``.
+
+- [0]: Wen et al., Semantic Concentration for Self-Supervised Dense Representations
+  Learning, 2025, https://arxiv.org/abs/2509.09429
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightly.loss import DINOLoss, NTXentLoss
+from lightly.models.modules.heads import DenseCLProjectionHead, DINOProjectionHead
+from lightly.models.utils import (
+    deactivate_requires_grad,
+    select_most_similar,
+    update_momentum,
+)
+from lightly.utils.scheduler import cosine_schedule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightly_cotap.data import CopyPasteScenes, NeighborIndex, SemanticPairDataset
+from lightly_cotap.eval import evaluate_dense
+from lightly_cotap.export import export_state_dict
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.transforms import CoTAPTransform
+
+CACHE = Path.home() / ".cache/lightly_cotap/debian"
+METHODS = ("P", "a_dino", "b_cotap", "c_cotap_no_rank", "d_densecl")
+LABELS = {
+    "P": "P (stage 1, DINO from scratch)",
+    "a_dino": "(a) + DINO",
+    "b_cotap": "(b) + CoTAP (full)",
+    "c_cotap_no_rank": "(c) + CoTAP w/o ranking loss",
+    "d_densecl": "(d) + DenseCL (Lightly)",
+}
+METRICS = ("linear_probe", "kmeans", "retrieval")
+
+
+@dataclass
+class Config:
+    """Sizes of one benchmark run."""
+
+    arch: str = "vit_tiny_patch16_224"
+    depth: int = 4
+    patch_size: int = 8
+    scene_size: int = 96
+    global_crop: int = 64
+    local_crop: int = 32
+    n_local: int = 2
+    num_train: int = 384
+    num_probe: int = 96
+    num_test: int = 96
+    steps: int = 200
+    batch_size: int = 24
+    lr: float = 5e-4
+    stage2_lr: float = 1e-4
+    probe_steps: int = 300
+    label_size: int = 48
+    memory_size: int = 20_000
+    num_neighbors: int = 5
+
+
+QUICK = Config(
+    num_train=48,
+    num_probe=16,
+    num_test=16,
+    steps=4,
+    batch_size=8,
+    probe_steps=20,
+    label_size=24,
+    memory_size=2000,
+)
+
+
+# -- data ---------------------------------------------------------------------------
+
+
+class SceneImages(Dataset[Any]):
+    """Rendered scene images (PIL), kept in memory; optional transform."""
+
+    def __init__(
+        self, images: list[Any], transform: Callable[[Any], Any] | None = None
+    ) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Any:
+        image = self.images[index]
+        return (self.transform(image) if self.transform else image), index
+
+
+def make_scenes(
+    objects: Path, backgrounds: Path, cfg: Config, seed: int
+) -> tuple[CopyPasteScenes, list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
+    """Training scenes, labelled probe scenes (train split) and test scenes."""
+    common: dict[str, Any] = dict(image_size=cfg.scene_size, max_background_side=512)
+    train = CopyPasteScenes(
+        objects,
+        backgrounds,
+        split="train",
+        num_samples=cfg.num_train,
+        seed=seed,
+        **common,
+    )
+    probe = CopyPasteScenes(
+        objects,
+        backgrounds,
+        split="train",
+        num_samples=cfg.num_probe,
+        seed=seed + 1000,
+        **common,
+    )
+    test = CopyPasteScenes(
+        objects,
+        backgrounds,
+        split="test",
+        num_samples=cfg.num_test,
+        seed=seed + 2000,
+        **common,
+    )
+    return (
+        train,
+        [probe[i] for i in range(len(probe))],
+        [test[i] for i in range(len(test))],
+    )
+
+
+def transform(cfg: Config) -> CoTAPTransform:
+    return CoTAPTransform(
+        global_crop_size=cfg.global_crop,
+        local_crop_size=cfg.local_crop,
+        n_local_views=cfg.n_local,
+        global_crop_scale=(0.25, 1.0),
+        local_crop_scale=(0.05, 0.25),
+    )
+
+
+def loop(loader: DataLoader[Any], steps: int) -> Iterator[Any]:
+    done = 0
+    while True:
+        for batch in loader:
+            if done == steps:
+                return
+            yield batch
+            done += 1
+
+
+def backbone(cfg: Config, use_filter: bool, **kwargs: Any) -> CoTAPVisionTransformer:
+    return CoTAPVisionTransformer(
+        cfg.arch,
+        use_filter=use_filter,
+        depth=cfg.depth,
+        patch_size=cfg.patch_size,
+        img_size=cfg.global_crop,
+        **kwargs,
+    )
+
+
+def optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.04)
+
+
+def set_lr(opt: torch.optim.Optimizer, step: int, steps: int, lr: float) -> None:
+    warmup = max(1, steps // 10)
+    value = (
+        lr
+        * min(1.0, (step + 1) / warmup)
+        * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+    )
+    for group in opt.param_groups:
+        group["lr"] = value * group.get("lr_scale", 1.0)
+
+
+# -- objectives -----------------------------------------------------------------------
+
+
+def train_dino(
+    model: CoTAPVisionTransformer,
+    images: SceneImages,
+    cfg: Config,
+    lr: float,
+    seed: int,
+) -> CoTAPVisionTransformer:
+    """DINO-style image-level training (Lightly's DINO head and loss) of ``model``."""
+    torch.manual_seed(seed)
+
+    def make_head() -> DINOProjectionHead:
+        return DINOProjectionHead(model.out_dim, 256, 64, 1024, freeze_last_layer=1)
+
+    head = make_head()
+    student = nn.ModuleDict({"backbone": model, "head": head})
+    # Lightly's DINO head uses torch weight_norm, which deepcopy does not support.
+    teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": make_head()})
+    teacher["head"].load_state_dict(head.state_dict())
+    deactivate_requires_grad(teacher)
+    criterion = DINOLoss(output_dim=1024, warmup_teacher_temp_epochs=0)
+    loader = DataLoader(
+        SceneImages(images.images, transform(cfg)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
+    opt = optimizer(list(student.parameters()), lr)
+    student.train()
+    for step, (views, _) in enumerate(loop(loader, cfg.steps)):
+        set_lr(opt, step, cfg.steps, lr)
+        update_momentum(student, teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0))
+        with torch.no_grad():
+            t_out = [
+                teacher["head"](teacher["backbone"](v).cls) for v in views["teacher"]
+            ]
+        s_out = [student["head"](student["backbone"](v).cls) for v in views["student"]]
+        loss = criterion(t_out, s_out, epoch=0)
+        opt.zero_grad()
+        loss.backward()
+        head.cancel_last_layer_gradients(current_epoch=0)
+        opt.step()
+    return model.eval()
+
+
+def train_densecl(
+    model: CoTAPVisionTransformer,
+    images: SceneImages,
+    cfg: Config,
+    lr: float,
+    seed: int,
+) -> CoTAPVisionTransformer:
+    """DenseCL [Wang et al., 2021] from Lightly's components (as Lightly's example)."""
+    torch.manual_seed(seed)
+    dim = model.out_dim
+    student = nn.ModuleDict(
+        {
+            "backbone": model,
+            "global": DenseCLProjectionHead(dim, dim, 64),
+            "local": DenseCLProjectionHead(dim, dim, 64),
+        }
+    )
+    teacher = copy.deepcopy(student)
+    deactivate_requires_grad(teacher)
+    global_loss = NTXentLoss(temperature=0.2, memory_bank_size=(2048, 64))
+    local_loss = NTXentLoss(temperature=0.2, memory_bank_size=(2048, 64))
+    loader = DataLoader(
+        SceneImages(images.images, transform(cfg)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
+    opt = optimizer(list(student.parameters()), lr)
+
+    def embed(net: nn.ModuleDict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dense = net["backbone"](x).dense.flatten(2).transpose(1, 2)  # (B, hw, C)
+        return dense, net["global"](dense.mean(1)), net["local"](dense)
+
+    for step, (views, _) in enumerate(loop(loader, cfg.steps)):
+        set_lr(opt, step, cfg.steps, lr)
+        update_momentum(student, teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0))
+        x0, x1 = views["student"][0], views["student"][1]
+        q_dense, q_global, q_local = embed(student, x0)
+        with torch.no_grad():
+            k_dense, k_global, k_local = embed(teacher, x1)
+            k_local = select_most_similar(q_dense, k_dense, k_local)
+        loss = 0.5 * global_loss(q_global, k_global) + 0.5 * local_loss(
+            q_local.flatten(0, 1), k_local.flatten(0, 1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def train_cotap(
+    p_state: dict[str, Any],
+    images: SceneImages,
+    neighbors: NeighborIndex,
+    cfg: Config,
+    lr: float,
+    seed: int,
+    cotap_weight: float,
+) -> CoTAPVisionTransformer:
+    """CoTAP post-training from P with the recipe's LightningModule (manual loop)."""
+    from lightly_cotap.train.cotap_module import CoTAPModule
+
+    torch.manual_seed(seed)
+    grid = cfg.global_crop // cfg.patch_size
+    module = CoTAPModule(
+        cfg.arch,
+        backbone_kwargs=dict(
+            depth=cfg.depth, patch_size=cfg.patch_size, img_size=cfg.global_crop
+        ),
+        num_prototypes=16,
+        head_hidden_dim=256,
+        head_bottleneck_dim=64,
+        patch_prototypes=64,
+        cls_prototypes=256,
+        objective_kwargs=dict(
+            cotap_weight=cotap_weight,
+            pool_sizes=(grid // 2, grid),
+            roi_output_size=grid // 2,
+            patch_queue_size=4096,
+            patch_queue_update_size=256,
+            cls_queue_size=1024,
+            cls_queue_update_size=cfg.batch_size,
+        ),
+        prototype_bank_size=256,
+        prototype_bank_update=cfg.batch_size,
+        kmeans_iters=50,
+        max_steps=cfg.steps,
+    )
+    module.load_backbone_weights(p_state)
+    pairs = SemanticPairDataset(
+        SceneImages(images.images),
+        neighbors=neighbors,
+        transform=transform(cfg),
+        seed=seed,
+    )
+    loader = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    student = module.student
+    head_params = [
+        p for n, p in student.named_parameters() if not n.startswith("backbone.")
+    ]
+    opt = optimizer(list(student.backbone.parameters()), lr)
+    opt.add_param_group({"params": head_params, "lr": lr, "lr_scale": 10.0})
+    opt.param_groups[0]["lr_scale"] = 1.0
+    module.train()
+    for step, batch in enumerate(loop(loader, cfg.steps)):
+        set_lr(opt, step, cfg.steps, lr)
+        update_momentum(
+            student, module.teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0)
+        )
+        module.teacher.eval()
+        total, _ = module.compute_losses(batch)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return module.backbone.eval()
+
+
+# -- stages ---------------------------------------------------------------------------
+
+
+def stage1(images: SceneImages, cfg: Config, seed: int) -> dict[str, Any]:
+    """Stage 1: DINO from random initialisation -> exported checkpoint P."""
+    torch.manual_seed(seed)
+    model = train_dino(backbone(cfg, use_filter=False), images, cfg, cfg.lr, seed)
+    return export_state_dict(model)
+
+
+def stage2(
+    method: str,
+    p_state: dict[str, Any],
+    images: SceneImages,
+    neighbors: NeighborIndex,
+    cfg: Config,
+    seed: int,
+) -> CoTAPVisionTransformer:
+    """Stage 2: continues from P with one of the methods (a)-(d)."""
+    lr = cfg.stage2_lr
+    if method == "a_dino":
+        return train_dino(
+            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
+            images,
+            cfg,
+            lr,
+            seed,
+        )
+    if method == "d_densecl":
+        return train_densecl(
+            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
+            images,
+            cfg,
+            lr,
+            seed,
+        )
+    weight = 1.0 if method == "b_cotap" else 0.0
+    return train_cotap(p_state, images, neighbors, cfg, lr, seed, cotap_weight=weight)
+
+
+def build_neighbors(
+    p_state: dict[str, Any], images: SceneImages, cfg: Config
+) -> NeighborIndex:
+    """kNN positives from P's CLS embeddings of the (center-resized) scenes."""
+    from lightly_cotap.data.segmentation_folder import image_to_tensor
+
+    model = CoTAPVisionTransformer.from_checkpoint(p_state)
+    with torch.no_grad():
+        x = torch.stack(
+            [
+                image_to_tensor(im.resize((cfg.global_crop, cfg.global_crop)))
+                for im in images.images
+            ]
+        )
+        emb = torch.cat([model(b).cls for b in x.split(64)])
+    return NeighborIndex.from_embeddings(emb, k=cfg.num_neighbors)
+
+
+def evaluate(
+    model: CoTAPVisionTransformer,
+    probe: list[tuple[Tensor, Tensor]],
+    test: list[tuple[Tensor, Tensor]],
+    num_classes: int,
+    cfg: Config,
+    seed: int,
+) -> dict[str, float]:
+    result = evaluate_dense(
+        lambda x: model(x).dense,
+        probe,
+        test,
+        num_classes,
+        label_size=cfg.label_size,
+        batch_size=32,
+        module=model,
+        seed=seed,
+        linear_probe={"steps": cfg.probe_steps},
+        kmeans={"n_init": 3},
+        overclustering_k=0,
+        retrieval={"memory_size": cfg.memory_size},
+        progress=False,
+    )
+    return {name: float(result[name]["miou"]) for name in METRICS}
+
+
+def run_seed(
+    objects: Path, backgrounds: Path, cfg: Config, seed: int
+) -> dict[str, dict[str, float]]:
+    t0 = time.perf_counter()
+    train, probe, test = make_scenes(objects, backgrounds, cfg, seed)
+    images = SceneImages([train.sample(i)[0] for i in range(len(train))])
+    num_classes = train.num_classes
+    p_state = stage1(images, cfg, seed)
+    print(
+        f"[seed {seed}] stage 1 done in {time.perf_counter() - t0:.0f}s",
+        file=sys.stderr,
+    )
+    results = {
+        "P": evaluate(
+            CoTAPVisionTransformer.from_checkpoint(p_state),
+            probe,
+            test,
+            num_classes,
+            cfg,
+            seed,
+        )
+    }
+    neighbors = build_neighbors(p_state, images, cfg)
+    for method in METHODS[1:]:
+        t1 = time.perf_counter()
+        model = stage2(method, p_state, images, neighbors, cfg, seed)
+        results[method] = evaluate(model, probe, test, num_classes, cfg, seed)
+        print(
+            f"[seed {seed}] {method}: {results[method]} ({time.perf_counter() - t1:.0f}s)",
+            file=sys.stderr,
+        )
+    return results
+
+
+def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
+    """Markdown table: mean +- std (over seeds) of the mIoU in percent."""
+    lines = [
+        "| model | linear probe mIoU (%) | k-means mIoU (%) | retrieval mIoU (%) |",
+        "|---|---:|---:|---:|",
+    ]
+    for method in METHODS:
+        cells = []
+        for metric in METRICS:
+            values = [100 * r[method][metric] for r in per_seed]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--objects", type=Path, default=CACHE / "objects")
+    parser.add_argument("--backgrounds", type=Path, default=CACHE / "backgrounds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--out", type=Path, default=Path("outputs/dense_quality"))
+    args = parser.parse_args()
+    for name in ("objects", "backgrounds"):
+        if not getattr(args, name).is_dir():
+            parser.error(
+                f"--{name} {getattr(args, name)} is not a folder; run "
+                "benchmarks/prepare_copy_paste_scenes.py first."
+            )
+    cfg = QUICK if args.quick else Config()
+    if args.steps is not None:
+        cfg.steps = args.steps
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    per_seed = [run_seed(args.objects, args.backgrounds, cfg, s) for s in seeds]
+    text = table(per_seed)
+    seconds = time.perf_counter() - start
+    header = (
+        f"Dense quality on copy-paste scenes, {len(seeds)} seed(s), {cfg.steps} steps per "
+        f"stage, {cfg.arch} depth {cfg.depth} patch {cfg.patch_size}, "
+        f"{cfg.global_crop}px crops, {seconds / 60:.1f} min"
+    )
+    print(header)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(header + "\n\n" + text + "\n")
+    (args.out / "results.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "seeds": seeds,
+                "results": per_seed,
+                "seconds": seconds,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
