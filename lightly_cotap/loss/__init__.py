@@ -1,15 +1,25 @@
 """The lightly_cotap.loss package provides dense self-supervised loss functions."""
 
+from lightly_cotap.loss.class_aware_ntx_ent_loss import ClassAwareNTXentLoss
 from lightly_cotap.loss.continuous_ap_loss import ContinuousAPLoss
+from lightly_cotap.loss.cossl_loss import CoSSLLoss, CoSSLLossTerms
 from lightly_cotap.loss.cotap_loss import CoTAPLoss
 from lightly_cotap.loss.cotap_objective import CoTAPObjective, CoTAPViewOutputs
 from lightly_cotap.loss.cross_crop_cls_loss import CrossCropClsLoss
 from lightly_cotap.loss.cross_image_cls_loss import CrossImageClsLoss
+from lightly_cotap.loss.dsa_loss import DSALoss, DSALossTerms
+from lightly_cotap.loss.multi_patch_vicreg_loss import MultiPatchVICRegLoss
 from lightly_cotap.loss.patch_cluster_loss import PatchClusterLoss
 from lightly_cotap.loss.prototype_entropy_loss import PrototypeEntropyLoss
 from lightly_cotap.loss.sinkhorn_codes import SinkhornCodes
 
 __all__ = [
+    "DSALoss",
+    "DSALossTerms",
+    "MultiPatchVICRegLoss",
+    "ClassAwareNTXentLoss",
+    "CoSSLLoss",
+    "CoSSLLossTerms",
     "ContinuousAPLoss",
     "CoTAPLoss",
     "CoTAPObjective",

@@ -1,5 +1,9 @@
 """lightly_cotap.transforms package."""
 
+from lightly_cotap.transforms.bagssl_transform import (
+    BagSSLTransform,
+    BagSSLViewTransform,
+)
 from lightly_cotap.transforms.cotap_transform import (
     CoTAPTransform,
     CoTAPViews,
@@ -10,6 +14,8 @@ from lightly_cotap.transforms.cotap_transform import (
 )
 
 __all__ = [
+    "BagSSLTransform",
+    "BagSSLViewTransform",
     "CoTAPTransform",
     "CoTAPViews",
     "box_intersection",
