@@ -38,14 +38,16 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from lightly_cotap.cli import CommandError
-
 #: Evaluations that ``--skip`` accepts (keys of the report).
 EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
 
 
-class EvalCommandError(CommandError):
-    """A user error of the ``eval`` command (bad folder, checkpoint or option)."""
+class EvalCommandError(ValueError):
+    """A user error of the ``eval`` command (bad folder, checkpoint or option).
+
+    The command line prints its message and exits with code 2 (no traceback); any
+    other exception propagates unchanged.
+    """
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -409,6 +411,26 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run_eval` for the command line: user errors exit with code 2.
+
+    Args:
+        args: Parsed arguments (see :func:`add_eval_arguments`).
+
+    Returns:
+        The report.
+
+    Raises:
+        SystemExit: With code 2 and ``lightly-cotap eval: error: ...`` on stderr for
+            an :class:`EvalCommandError`.
+    """
+    try:
+        return run_eval(args)
+    except EvalCommandError as ex:
+        sys.stderr.write(f"lightly-cotap eval: error: {ex}\n")
+        raise SystemExit(2) from ex
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command on its own (``python -m lightly_cotap.eval.command``).
 
@@ -423,11 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prog="lightly-cotap eval", description="Dense evaluation of a checkpoint."
         )
     )
-    args = parser.parse_args(argv)
-    try:
-        run_eval(args)
-    except EvalCommandError as ex:
-        parser.exit(2, f"{parser.prog}: error: {ex}\n")
+    run_eval_command(parser.parse_args(argv))
     return 0
 
 
