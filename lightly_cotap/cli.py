@@ -1,74 +1,97 @@
 """The ``lightly-cotap`` command line.
 
-Subcommands:
+Subcommands register themselves in :data:`SUBCOMMANDS` as
+``name -> (help, add_arguments(parser), run(args))``; ``train`` is the main job::
 
-- ``lightly-cotap eval``: dense evaluation of a checkpoint on image + mask folders
-  (see :mod:`lightly_cotap.eval.command`).
-
-Each subcommand module provides ``add_<name>_arguments(parser)`` and
-``run_<name>(args)``; this module only dispatches (imports are lazy so ``--help`` is
-fast).
-The ``lightly-cotap`` script of ``pyproject.toml`` calls :func:`main` (this module
-has no ``__main__`` block: ``python -m`` would import it twice and
-:class:`CommandError` would exist as two classes).
+    lightly-cotap train                       # demo on the embedded photos (CPU)
+    lightly-cotap train --data DIR --init dino_deitsmall16_pretrain.pth
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
-class CommandError(ValueError):
-    """A user error of a subcommand (bad file, folder or option).
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    from lightly_cotap.train.run import add_train_arguments
 
-    :func:`main` prints its message and exits with code 2 instead of a traceback;
-    any other exception propagates unchanged.
-    """
+    add_train_arguments(parser)
 
 
-def _run_eval(args: argparse.Namespace) -> None:
-    from lightly_cotap.eval.command import run_eval
+def _run_train(args: argparse.Namespace) -> Any:
+    from lightly_cotap.train.run import run_train
 
-    run_eval(args)
+    return run_train(args)
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    from lightly_cotap.eval.command import add_eval_arguments
+
+    add_eval_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> Any:
+    from lightly_cotap.eval.command import run_eval_command
+
+    return run_eval_command(args)
+
+
+#: name -> (help text, function adding the arguments, function running it).
+SUBCOMMANDS: dict[
+    str,
+    tuple[
+        str,
+        Callable[[argparse.ArgumentParser], None],
+        Callable[[argparse.Namespace], Any],
+    ],
+] = {
+    "train": (
+        "CoTAP training (no arguments: a short demo on the embedded sample photos).",
+        _add_train,
+        _run_train,
+    ),
+    "eval": (
+        "Dense evaluation (linear probe, k-means, retrieval) of a checkpoint on "
+        "image + mask folders.",
+        _add_eval,
+        _run_eval,
+    ),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Builds the parser of ``lightly-cotap`` with all subcommands.
+    """Builds the ``lightly-cotap`` argument parser with all subcommands.
 
     Returns:
-        The parser; ``args.func(args)`` runs the chosen subcommand.
+        The parser.
     """
-    from lightly_cotap.eval.command import add_eval_arguments
-
     parser = argparse.ArgumentParser(
-        prog="lightly-cotap", description="Dense self-supervised learning (CoTAP)."
+        prog="lightly-cotap",
+        description="Dense self-supervised learning (CoTAP) for Lightly.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    eval_parser = subparsers.add_parser(
-        "eval",
-        help="Dense evaluation (linear probe, k-means, retrieval) of a checkpoint.",
-        description="Dense evaluation of a checkpoint on image + mask folders.",
-    )
-    add_eval_arguments(eval_parser)
-    eval_parser.set_defaults(func=_run_eval, subparser=eval_parser)
+    for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
+        add_arguments(
+            subparsers.add_parser(name, help=help_text, description=help_text)
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``lightly-cotap``.
+    """Entry point of the ``lightly-cotap`` console script.
 
     Args:
         argv: Arguments (defaults to ``sys.argv[1:]``).
 
     Returns:
-        Exit code 0 on success. A :class:`CommandError` (bad input, checked before
-        any work) exits with code 2 and its message on stderr, like argparse errors.
+        Exit code.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except CommandError as ex:
-        args.subparser.exit(2, f"{args.subparser.prog}: error: {ex}\n")
+    args = build_parser().parse_args(argv)
+    SUBCOMMANDS[args.command][2](args)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

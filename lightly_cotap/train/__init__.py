@@ -1,1 +1,5 @@
-"""lightly_cotap.train package."""
+"""lightly_cotap.train package: the CoTAP recipe (LightningModule) and the train command."""
+
+from lightly_cotap.train.cotap_module import CoTAPModule, CoTAPStudent
+
+__all__ = ["CoTAPModule", "CoTAPStudent"]
