@@ -71,7 +71,10 @@ class CoSSLLoss(nn.Module):
       paper says w_s "balances" the global and local losses, so the convex
       combination is the default.
     - The L local positions: e.g. the feature map adaptively average-pooled to
-      n x n; any (B, L, D) or (B, D, H, W) tensor is accepted.
+      n x n; any (B, L, D) or (B, D, H, W) tensor is accepted. The paper bounds
+      the receptive field of the local units (RF-ResNets);
+      :func:`~lightly_cotap.models.cap_receptive_field` builds such a ResNet
+      BagNet-style, but CO-SSL also works on a standard ResNet.
 
     - [0]: Aubret et al., Seeing the Whole in the Parts in Self-Supervised
       Representation Learning, 2025, https://arxiv.org/abs/2501.02860
