@@ -170,7 +170,7 @@ def main() -> None:
         _fake_views(transform, preset["batch_size"], device),
         _fake_views(transform, preset["batch_size"], device),
     )
-    results = {}
+    results: dict[str, list[float]] = {}
     # Interleave the two configurations to spread machine noise over both.
     modules = {
         "dino_cls": _module(preset, full=False),
