@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +134,27 @@ def test_bad_arguments() -> None:
         CoTAPModule("vit_tiny_patch16_224", **dict(TINY, backbone_lr=0.0))
     with pytest.raises(ValueError, match="momentum_start"):
         CoTAPModule("vit_tiny_patch16_224", **dict(TINY, momentum_start=1.5))
+
+
+def test_load_backbone_weights_into_student_and_teacher(tmp_path: Path) -> None:
+    from lightly_cotap.export import export_backbone
+
+    torch.manual_seed(0)
+    source = CoTAPModule("vit_tiny_patch16_224", **TINY)
+    export_backbone(source.backbone, tmp_path / "backbone.pth")
+    torch.manual_seed(1)
+    module = CoTAPModule("vit_tiny_patch16_224", **TINY)
+    module.load_backbone_weights(tmp_path / "backbone.pth")
+    for name, value in source.backbone.state_dict().items():
+        assert torch.equal(module.backbone.state_dict()[name], value), name
+        assert torch.equal(module.teacher.backbone.state_dict()[name], value), name
+
+
+def test_bf16_autocast_step() -> None:
+    torch.manual_seed(0)
+    module = CoTAPModule("vit_tiny_patch16_224", **TINY)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, terms = module.compute_losses(_batch(batch_size=2))
+    assert torch.isfinite(total)
+    assert all(torch.isfinite(v) for v in terms.values())
+    total.backward()
