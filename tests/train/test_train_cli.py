@@ -29,12 +29,19 @@ def _metrics(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cotap_demo")
+@pytest.mark.slow
+def test_demo_run_end_to_end(tmp_path: Path) -> None:
+    """One demo run (it takes most of the time), then every check on its outputs.
+
+    Kept in one test so that pytest-xdist never runs the demo twice.
+    """
+    demo_run = tmp_path / "demo"
     # The no-argument demo (one CPU thread: robust when the tests share the CPU).
-    assert main(["train", "--output-dir", str(out), "--num-threads", "1"]) == 0
-    return out
+    assert main(["train", "--output-dir", str(demo_run), "--num-threads", "1"]) == 0
+    _check_outputs(demo_run)
+    _check_loss_decreases(demo_run)
+    _check_exported_backbone(demo_run)
+    _check_resume(demo_run, tmp_path)
 
 
 def test_settings_presets() -> None:
@@ -52,8 +59,7 @@ def test_settings_presets() -> None:
     assert settings["backbone_lr"] == 3e-5 and settings["head_lr"] == 3e-4
 
 
-@pytest.mark.slow
-def test_demo_writes_outputs(demo_run: Path) -> None:
+def _check_outputs(demo_run: Path) -> None:
     assert (demo_run / "checkpoints" / "last.ckpt").is_file()
     assert (demo_run / "backbone.pth").is_file()
     assert (demo_run / "neighbors.npz").is_file()
@@ -63,8 +69,7 @@ def test_demo_writes_outputs(demo_run: Path) -> None:
     assert png.width > 3 * size and png.height > 4 * size
 
 
-@pytest.mark.slow
-def test_demo_loss_decreases(demo_run: Path) -> None:
+def _check_loss_decreases(demo_run: Path) -> None:
     rows = _metrics(next(demo_run.glob("logs/version_*/metrics.csv")))
     steps = [int(r["step"]) for r in rows if r["train/loss"]]
     assert max(steps) == DEMO_PRESET["max_steps"] - 1
@@ -77,8 +82,7 @@ def test_demo_loss_decreases(demo_run: Path) -> None:
     assert any(r.get("train/loss_prototype_entropy") for r in rows)
 
 
-@pytest.mark.slow
-def test_exported_backbone_matches_trained_student(demo_run: Path) -> None:
+def _check_exported_backbone(demo_run: Path) -> None:
     module = CoTAPModule.load_from_checkpoint(
         demo_run / "checkpoints" / "last.ckpt", map_location="cpu"
     )
@@ -106,8 +110,7 @@ def test_exported_backbone_matches_trained_student(demo_run: Path) -> None:
     )
 
 
-@pytest.mark.slow
-def test_resume_continues_from_checkpoint(demo_run: Path, tmp_path: Path) -> None:
+def _check_resume(demo_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     shutil.copytree(demo_run, out)
     steps = DEMO_PRESET["max_steps"] + 2
