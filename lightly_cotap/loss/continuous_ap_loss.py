@@ -77,7 +77,7 @@ class ContinuousAPLoss(nn.Module):
         kappa: float = 1.0,
         weight_offset: float = -0.2,
         method: str = "auto",
-        dense_max_pairs: int = 2**20,
+        dense_max_pairs: int = 2**18,
     ) -> None:
         """Initializes the ContinuousAPLoss with the specified parameters.
 
