@@ -30,8 +30,12 @@ px, since ResNet-18 at 64 px costs ~8 s per step on the shared 2-core machine; p
 
 Usage::
 
-    python benchmarks/image_level.py              # 3 seeds, ~15 min on 2 cores
-    python benchmarks/image_level.py --quick      # smoke run
+    python benchmarks/image_level.py              # 3 seeds x 8 trainings x 80 steps
+    python benchmarks/image_level.py --quick      # smoke run, ~30 s
+
+Cost: about 0.3-0.4 s per step (DSA ~1.5x, its regulator scores N^2 differences and
+the EMA reference embeds three views) on 2 idle cores, i.e. ~12 min; measured 40 min
+while other jobs shared the 2 cores (2-5x slower steps).
 
 The Markdown table is printed and written to ``--out``.
 """
