@@ -110,6 +110,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     evals.add_argument("--probe-steps", type=int, default=500)
     evals.add_argument("--probe-lr", type=float, default=3e-3)
     evals.add_argument(
+        "--probe-head",
+        choices=("bn", "plain"),
+        default="bn",
+        help="Linear probe head: BatchNorm + 1x1 conv (default) or a plain 1x1 conv.",
+    )
+    evals.add_argument(
         "--overclustering-k", type=int, default=None, help="Default 4 * classes."
     )
     evals.add_argument("--retrieval-k", type=int, default=30)
@@ -374,6 +380,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         linear_probe={
             "steps": args.probe_steps,
             "lr": args.probe_lr,
+            "use_bn": args.probe_head == "bn",
             "skip": "linear_probe" in skip,
         },
         kmeans={"skip": "kmeans" in skip},

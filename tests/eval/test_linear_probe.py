@@ -56,6 +56,23 @@ def test_probe_learns_separable_features() -> None:
     assert settings["select"] == "last"
 
 
+def test_default_probe_converges_on_small_scale_imbalanced_features() -> None:
+    # One-hot class features at a small scale, mostly class 0: exactly separable,
+    # but a plain 1x1 conv under Adam needs far more than 100 steps to get there.
+    g = torch.Generator().manual_seed(0)
+    labels = (torch.rand(32, 8, 8, generator=g) < 0.15).long()
+    labels *= torch.randint(1, NUM_CLASSES, (32, 8, 8), generator=g)
+    feats = 0.05 * F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    data = DenseFeatures(features=feats, masks=labels)
+    result = linear_probe_miou(data, data, NUM_CLASSES, steps=100, progress=False)
+    assert result["settings"]["head"] == "bn+conv1x1"
+    assert result["miou"] > 0.95
+    plain = linear_probe_miou(
+        data, data, NUM_CLASSES, steps=100, use_bn=False, progress=False
+    )
+    assert plain["miou"] < 0.6
+
+
 def test_probe_on_random_features_is_poor() -> None:
     train = _dataset(24, seed=0, informative=False)
     val = _dataset(12, seed=10, informative=False)
