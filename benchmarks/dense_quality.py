@@ -6,8 +6,10 @@ scale that runs on a 2-core CPU:
 - stage 1: a tiny ViT (timm ``vit_tiny``, depth 4, patch 8) is trained from random
   initialisation with a DINO-style image-level objective (Lightly's
   ``DINOProjectionHead`` + ``DINOLoss``, EMA teacher, multi-crop) on the training
-  scenes of :class:`~lightly_cotap.data.CopyPasteScenes` -> checkpoint P;
-- stage 2 continues from P for the same number of steps with
+  scenes of :class:`~lightly_cotap.data.CopyPasteScenes` -> checkpoint P
+  (``--stage1-steps``, 240);
+- stage 2 continues from P for the same, smaller number of steps (``--steps``, 50;
+  CoTAP is a short continued training) with
   (a) the DINO objective only,
   (b) the full CoTAP objective (:class:`~lightly_cotap.train.cotap_module.CoTAPModule`:
       CoTAP ranking + patch cluster + CLS terms + object-aware filter, positives
@@ -15,22 +17,30 @@ scale that runs on a 2-core CPU:
       :class:`~lightly_cotap.data.SemanticPairDataset`),
   (c) the same without the ranking loss (``cotap_weight=0``),
   (d) DenseCL built from Lightly's components (``DenseCLProjectionHead``,
-      ``NTXentLoss`` with memory banks, ``select_most_similar``, EMA key encoder);
-- P and (a)-(d) are evaluated with :func:`~lightly_cotap.eval.evaluate_dense` on
-  disjoint test scenes (unseen objects and backgrounds): linear-probe, k-means
-  (K = classes, Hungarian) and retrieval mIoU; mean and standard deviation over seeds.
+      ``NTXentLoss`` with memory banks, ``select_most_similar``, EMA key encoder),
+  (b') a diagnostic: (b) with positives that share the scene's largest object class
+      (from the labels, ``SemanticPairDataset(labels=...)``) instead of P's
+      neighbours;
+- P and every stage-2 model are evaluated with
+  :func:`~lightly_cotap.eval.evaluate_dense` on disjoint test scenes (unseen objects
+  and backgrounds): linear-probe (BatchNorm + 1x1 conv), k-means (K = classes,
+  Hungarian) and retrieval mIoU; mean and standard deviation over seeds, and the
+  per-seed linear-probe differences of (b) against the others;
+- diagnostics: how often P's neighbours share the background photo or an object class
+  (against chance), and CoTAP's loss terms over the last quarter of its steps.
 
 All stage-2 runs share the crops (:class:`~lightly_cotap.transforms.CoTAPTransform`),
-the optimiser (AdamW, cosine learning rate) and the number of steps.
+the optimiser (AdamW, cosine learning rate) and the number of steps. Every (seed,
+stage) is one task on a pool of ``--jobs`` single-threaded processes (on 2 cores, two
+one-thread processes do more work than one two-thread process).
 
-Measured cost on the shared 2-core machine (batch 24, 64 px crops): about 0.9 s per
-DINO step, 3.4 s per CoTAP step (two images per item, teacher + student, five loss
-terms), 0.3 s per DenseCL step and 12 s per evaluation, i.e. roughly 60 s + 9 s per
-step per seed for the five trainings; the defaults (80 steps, batch 16) target about
-30 minutes for 3 seeds. Usage::
+Measured cost on the shared 2-core machine (batch 16, 64 px crops, one thread per
+process, two processes): about 1.6 s per DINO step, 4-5 s per CoTAP step (two images
+per item, teacher + student, five loss terms), 0.5 s per DenseCL step and 15-30 s per
+evaluation; the defaults take about 30 minutes for 3 seeds. Usage::
 
     python benchmarks/dense_quality.py            # ~30 min on 2 cores
-    python benchmarks/dense_quality.py --quick    # smoke run, ~1-2 min
+    python benchmarks/dense_quality.py --quick    # smoke run, ~1 min
 
 The object cut-outs and backgrounds come from
 ``benchmarks/prepare_copy_paste_scenes.py`` (``--objects`` / ``--backgrounds``
@@ -46,10 +56,12 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import statistics
-import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +77,7 @@ from lightly.models.utils import (
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from lightly_cotap.data import CopyPasteScenes, NeighborIndex, SemanticPairDataset
 from lightly_cotap.eval import evaluate_dense
@@ -73,13 +86,21 @@ from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
 from lightly_cotap.transforms import CoTAPTransform
 
 CACHE = Path.home() / ".cache/lightly_cotap/debian"
-METHODS = ("P", "a_dino", "b_cotap", "c_cotap_no_rank", "d_densecl")
+METHODS = (
+    "P",
+    "a_dino",
+    "b_cotap",
+    "c_cotap_no_rank",
+    "d_densecl",
+    "b_cotap_label_pairs",
+)
 LABELS = {
     "P": "P (stage 1, DINO from scratch)",
     "a_dino": "(a) + DINO",
     "b_cotap": "(b) + CoTAP (full)",
     "c_cotap_no_rank": "(c) + CoTAP w/o ranking loss",
     "d_densecl": "(d) + DenseCL (Lightly)",
+    "b_cotap_label_pairs": "(b') + CoTAP, positives share an object class (labels)",
 }
 METRICS = ("linear_probe", "kmeans", "retrieval")
 
@@ -98,7 +119,8 @@ class Config:
     num_train: int = 384
     num_probe: int = 96
     num_test: int = 96
-    steps: int = 80
+    stage1_steps: int = 240
+    steps: int = 50
     batch_size: int = 16
     lr: float = 5e-4
     stage2_lr: float = 1e-4
@@ -112,7 +134,8 @@ QUICK = Config(
     num_train=48,
     num_probe=16,
     num_test=16,
-    steps=4,
+    stage1_steps=4,
+    steps=2,
     batch_size=8,
     probe_steps=20,
     label_size=24,
@@ -231,6 +254,7 @@ def train_dino(
     cfg: Config,
     lr: float,
     seed: int,
+    steps: int,
 ) -> CoTAPVisionTransformer:
     """DINO-style image-level training (Lightly's DINO head and loss) of ``model``."""
     torch.manual_seed(seed)
@@ -253,9 +277,9 @@ def train_dino(
     )
     opt = optimizer(list(student.parameters()), lr)
     student.train()
-    for step, (views, _) in enumerate(loop(loader, cfg.steps)):
-        set_lr(opt, step, cfg.steps, lr)
-        update_momentum(student, teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0))
+    for step, (views, _) in enumerate(loop(loader, steps)):
+        set_lr(opt, step, steps, lr)
+        update_momentum(student, teacher, cosine_schedule(step, steps, 0.99, 1.0))
         with torch.no_grad():
             t_out = [
                 teacher["head"](teacher["backbone"](v).cls) for v in views["teacher"]
@@ -321,14 +345,18 @@ def train_densecl(
 
 def train_cotap(
     p_state: dict[str, Any],
-    images: SceneImages,
-    neighbors: NeighborIndex,
+    pairs: SemanticPairDataset,
     cfg: Config,
     lr: float,
     seed: int,
     cotap_weight: float,
-) -> CoTAPVisionTransformer:
-    """CoTAP post-training from P with the recipe's LightningModule (manual loop)."""
+) -> tuple[CoTAPVisionTransformer, dict[str, float]]:
+    """CoTAP post-training from P with the recipe's LightningModule (manual loop).
+
+    Returns:
+        The trained backbone and the mean of every loss term over the last
+        quarter of the steps.
+    """
     from lightly_cotap.train.cotap_module import CoTAPModule
 
     torch.manual_seed(seed)
@@ -358,12 +386,6 @@ def train_cotap(
         max_steps=cfg.steps,
     )
     module.load_backbone_weights(p_state)
-    pairs = SemanticPairDataset(
-        SceneImages(images.images),
-        neighbors=neighbors,
-        transform=transform(cfg),
-        seed=seed,
-    )
     loader = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     student = module.student
     head_params = [
@@ -373,57 +395,58 @@ def train_cotap(
     opt.add_param_group({"params": head_params, "lr": lr, "lr_scale": 10.0})
     opt.param_groups[0]["lr_scale"] = 1.0
     module.train()
+    history: dict[str, list[float]] = {}
     for step, batch in enumerate(loop(loader, cfg.steps)):
         set_lr(opt, step, cfg.steps, lr)
         update_momentum(
             student, module.teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0)
         )
         module.teacher.eval()
-        total, _ = module.compute_losses(batch)
+        total, terms = module.compute_losses(batch)
         opt.zero_grad()
         total.backward()
         opt.step()
-    return module.backbone.eval()
+        if step >= cfg.steps - max(1, cfg.steps // 4):
+            for name, value in terms.items():
+                history.setdefault(name, []).append(float(value.detach()))
+    return module.backbone.eval(), {
+        name: statistics.mean(values) for name, values in history.items()
+    }
 
 
 # -- stages ---------------------------------------------------------------------------
 
 
-def stage1(images: SceneImages, cfg: Config, seed: int) -> dict[str, Any]:
-    """Stage 1: DINO from random initialisation -> exported checkpoint P."""
-    torch.manual_seed(seed)
-    model = train_dino(backbone(cfg, use_filter=False), images, cfg, cfg.lr, seed)
-    return export_state_dict(model)
+@dataclass
+class SeedData:
+    """The scenes of one seed (rendered once per task; deterministic in the seed)."""
+
+    images: SceneImages
+    image_labels: list[int]
+    layouts: list[Any]
+    probe: list[tuple[Tensor, Tensor]]
+    test: list[tuple[Tensor, Tensor]]
+    num_classes: int
 
 
-def stage2(
-    method: str,
-    p_state: dict[str, Any],
-    images: SceneImages,
-    neighbors: NeighborIndex,
-    cfg: Config,
-    seed: int,
-) -> CoTAPVisionTransformer:
-    """Stage 2: continues from P with one of the methods (a)-(d)."""
-    lr = cfg.stage2_lr
-    if method == "a_dino":
-        return train_dino(
-            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
-            images,
-            cfg,
-            lr,
-            seed,
-        )
-    if method == "d_densecl":
-        return train_densecl(
-            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
-            images,
-            cfg,
-            lr,
-            seed,
-        )
-    weight = 1.0 if method == "b_cotap" else 0.0
-    return train_cotap(p_state, images, neighbors, cfg, lr, seed, cotap_weight=weight)
+def seed_data(objects: Path, backgrounds: Path, cfg: Config, seed: int) -> SeedData:
+    train, probe, test = make_scenes(objects, backgrounds, cfg, seed)
+    samples = [train.sample(i) for i in range(len(train))]
+    return SeedData(
+        images=SceneImages([image for image, _ in samples]),
+        image_labels=[dominant_object_class(mask) for _, mask in samples],
+        layouts=[train.layout(i) for i in range(len(train))],
+        probe=probe,
+        test=test,
+        num_classes=train.num_classes,
+    )
+
+
+def dominant_object_class(mask: Any) -> int:
+    """Class of the largest visible object of a scene mask (0 if none is visible)."""
+    counts = torch.bincount(torch.as_tensor(mask).flatten().long(), minlength=256)
+    counts[0] = counts[255] = 0
+    return int(counts.argmax())
 
 
 def build_neighbors(
@@ -444,19 +467,40 @@ def build_neighbors(
     return NeighborIndex.from_embeddings(emb, k=cfg.num_neighbors)
 
 
+def neighbor_agreement(
+    neighbors: NeighborIndex, layouts: list[Any]
+) -> dict[str, float]:
+    """How often a positive shares the background photo / an object class.
+
+    Chance levels are over all ordered pairs of different scenes.
+    """
+
+    def shares(i: int, j: int) -> tuple[bool, bool]:
+        a, b = layouts[i], layouts[j]
+        same_background = a.background == b.background
+        classes = {o.class_id for o in a.objects} & {o.class_id for o in b.objects}
+        return same_background, bool(classes)
+
+    pairs = [(i, int(j)) for i in range(len(layouts)) for j in neighbors.neighbors[i]]
+    others = [
+        (i, j) for i in range(len(layouts)) for j in range(len(layouts)) if i != j
+    ]
+    result = {}
+    for name, chosen in (("neighbors", pairs), ("chance", others)):
+        flags = [shares(i, j) for i, j in chosen]
+        result[f"{name}_same_background"] = statistics.mean(f[0] for f in flags)
+        result[f"{name}_shared_class"] = statistics.mean(f[1] for f in flags)
+    return result
+
+
 def evaluate(
-    model: CoTAPVisionTransformer,
-    probe: list[tuple[Tensor, Tensor]],
-    test: list[tuple[Tensor, Tensor]],
-    num_classes: int,
-    cfg: Config,
-    seed: int,
+    model: CoTAPVisionTransformer, data: SeedData, cfg: Config, seed: int
 ) -> dict[str, float]:
     result = evaluate_dense(
         lambda x: model(x).dense,
-        probe,
-        test,
-        num_classes,
+        data.probe,
+        data.test,
+        data.num_classes,
         label_size=cfg.label_size,
         batch_size=32,
         module=model,
@@ -470,54 +514,201 @@ def evaluate(
     return {name: float(result[name]["miou"]) for name in METRICS}
 
 
-def run_seed(
-    objects: Path, backgrounds: Path, cfg: Config, seed: int
-) -> dict[str, dict[str, float]]:
-    t0 = time.perf_counter()
-    train, probe, test = make_scenes(objects, backgrounds, cfg, seed)
-    images = SceneImages([train.sample(i)[0] for i in range(len(train))])
-    num_classes = train.num_classes
-    p_state = stage1(images, cfg, seed)
-    print(
-        f"[seed {seed}] stage 1 done in {time.perf_counter() - t0:.0f}s",
-        file=sys.stderr,
+@dataclass
+class Paths:
+    objects: Path
+    backgrounds: Path
+
+
+def stage1_task(
+    paths: Paths, cfg: Config, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stage 1: DINO from random initialisation -> checkpoint P and its report.
+
+    The report holds P's scores and how P's neighbours agree with the layouts.
+    """
+    start = time.perf_counter()
+    data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
+    torch.manual_seed(seed)
+    model = train_dino(
+        backbone(cfg, use_filter=False),
+        data.images,
+        cfg,
+        cfg.lr,
+        seed,
+        cfg.stage1_steps,
     )
-    results = {
-        "P": evaluate(
-            CoTAPVisionTransformer.from_checkpoint(p_state),
-            probe,
-            test,
-            num_classes,
+    p_state = export_state_dict(model)
+    neighbors = build_neighbors(p_state, data.images, cfg)
+    report = {
+        "scores": evaluate(model, data, cfg, seed),
+        "neighbors": neighbor_agreement(neighbors, data.layouts),
+        "seconds": time.perf_counter() - start,
+    }
+    return p_state, report
+
+
+def stage2_task(
+    paths: Paths, cfg: Config, seed: int, method: str, p_state: dict[str, Any]
+) -> dict[str, Any]:
+    """Stage 2: continues from P with one of the methods, then evaluates."""
+    start = time.perf_counter()
+    data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
+    lr = cfg.stage2_lr
+    terms: dict[str, float] = {}
+    if method == "a_dino":
+        model = train_dino(
+            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
+            data.images,
             cfg,
+            lr,
+            seed,
+            cfg.steps,
+        )
+    elif method == "d_densecl":
+        model = train_densecl(
+            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
+            data.images,
+            cfg,
+            lr,
             seed,
         )
+    else:
+        if method == "b_cotap_label_pairs":
+            pairs = SemanticPairDataset(
+                SceneImages(data.images.images),
+                labels=data.image_labels,
+                transform=transform(cfg),
+                seed=seed,
+            )
+        else:
+            pairs = SemanticPairDataset(
+                SceneImages(data.images.images),
+                neighbors=build_neighbors(p_state, data.images, cfg),
+                transform=transform(cfg),
+                seed=seed,
+            )
+        weight = 0.0 if method == "c_cotap_no_rank" else 1.0
+        model, terms = train_cotap(p_state, pairs, cfg, lr, seed, cotap_weight=weight)
+    return {
+        "scores": evaluate(model, data, cfg, seed),
+        "loss_terms": terms,
+        "seconds": time.perf_counter() - start,
     }
-    neighbors = build_neighbors(p_state, images, cfg)
-    for method in METHODS[1:]:
-        t1 = time.perf_counter()
-        model = stage2(method, p_state, images, neighbors, cfg, seed)
-        results[method] = evaluate(model, probe, test, num_classes, cfg, seed)
-        print(
-            f"[seed {seed}] {method}: {results[method]} ({time.perf_counter() - t1:.0f}s)",
-            file=sys.stderr,
-        )
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run(
+    paths: Paths, cfg: Config, seeds: list[int], methods: list[str], jobs: int
+) -> dict[int, dict[str, Any]]:
+    """Runs every (seed, stage) task on ``jobs`` single-threaded worker processes.
+
+    A seed's stage-2 tasks are queued as soon as its checkpoint P exists, so the
+    workers stay busy. Returns ``{seed: {"P": report, method: report, ...}}``.
+    """
+    results: dict[int, dict[str, Any]] = {seed: {} for seed in seeds}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(1,)
+    ) as pool:
+        pending: dict[Future[Any], tuple[int, str]] = {
+            pool.submit(stage1_task, paths, cfg, seed): (seed, "P") for seed in seeds
+        }
+        total = len(seeds) * (1 + len(methods))
+        with tqdm(total=total, desc="dense quality", unit="run") as bar:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    seed, method = pending.pop(future)
+                    if method == "P":
+                        p_state, report = future.result()
+                        for name in methods:
+                            task = pool.submit(
+                                stage2_task, paths, cfg, seed, name, p_state
+                            )
+                            pending[task] = (seed, name)
+                    else:
+                        report = future.result()
+                    results[seed][method] = report
+                    bar.update()
+                    tqdm.write(
+                        f"[seed {seed}] {method}: "
+                        + ", ".join(
+                            f"{k} {100 * v:.1f}" for k, v in report["scores"].items()
+                        )
+                        + f" ({report['seconds']:.0f}s)"
+                    )
     return results
 
 
-def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
+def table(results: dict[int, dict[str, Any]], methods: list[str]) -> str:
     """Markdown table: mean +- std (over seeds) of the mIoU in percent."""
     lines = [
         "| model | linear probe mIoU (%) | k-means mIoU (%) | retrieval mIoU (%) |",
         "|---|---:|---:|---:|",
     ]
-    for method in METHODS:
+    for method in ["P", *methods]:
         cells = []
         for metric in METRICS:
-            values = [100 * r[method][metric] for r in per_seed]
+            values = [100 * r[method]["scores"][metric] for r in results.values()]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_differences(results: dict[int, dict[str, Any]], methods: list[str]) -> str:
+    """Per-seed linear-probe differences of (b) against the other stage-2 runs."""
+    if "b_cotap" not in methods:
+        return ""
+    lines = [
+        "| linear probe, (b) minus | mean (pp) | per seed (pp) |",
+        "|---|---:|---|",
+    ]
+    for other in [m for m in methods if m != "b_cotap"]:
+        diffs = [
+            100
+            * (
+                r["b_cotap"]["scores"]["linear_probe"]
+                - r[other]["scores"]["linear_probe"]
+            )
+            for r in results.values()
+        ]
+        per_seed = ", ".join(f"{d:+.1f}" for d in diffs)
+        lines.append(
+            f"| {LABELS[other]} | {statistics.mean(diffs):+.1f} | {per_seed} |"
+        )
+    return "\n".join(lines)
+
+
+def diagnostics(results: dict[int, dict[str, Any]]) -> str:
+    """Neighbour agreement with the scene layouts and CoTAP's final loss terms."""
+    out = []
+    agreement = [r["P"]["neighbors"] for r in results.values()]
+    out.append(
+        "P's CLS neighbours (positives of (b), (c)) share the background photo in "
+        f"{100 * statistics.mean(a['neighbors_same_background'] for a in agreement):.0f}% "
+        "of pairs (chance "
+        f"{100 * statistics.mean(a['chance_same_background'] for a in agreement):.0f}%) "
+        "and an object class in "
+        f"{100 * statistics.mean(a['neighbors_shared_class'] for a in agreement):.0f}% "
+        f"(chance {100 * statistics.mean(a['chance_shared_class'] for a in agreement):.0f}%)."
+    )
+    for method in ("b_cotap", "c_cotap_no_rank", "b_cotap_label_pairs"):
+        term_runs = [r[method]["loss_terms"] for r in results.values() if method in r]
+        if not term_runs:
+            continue
+        names = sorted({name for terms in term_runs for name in terms})
+        values = ", ".join(
+            f"{name} {statistics.mean(t[name] for t in term_runs if name in t):.3f}"
+            for name in names
+        )
+        out.append(f"{LABELS[method]}, loss terms over the last quarter: {values}.")
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -525,8 +716,18 @@ def main() -> None:
     parser.add_argument("--objects", type=Path, default=CACHE / "objects")
     parser.add_argument("--backgrounds", type=Path, default=CACHE / "backgrounds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stage1-steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps.")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS[1:],
+        default=list(METHODS[1:]),
+        help="Stage-2 runs.",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="Worker processes (1 thread each)."
+    )
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", type=Path, default=Path("outputs/dense_quality"))
     args = parser.parse_args()
@@ -537,29 +738,40 @@ def main() -> None:
                 "benchmarks/prepare_copy_paste_scenes.py first."
             )
     cfg = QUICK if args.quick else Config()
+    if args.stage1_steps is not None:
+        cfg.stage1_steps = args.stage1_steps
     if args.steps is not None:
         cfg.steps = args.steps
     seeds = args.seeds[:1] if args.quick else args.seeds
-    torch.set_num_threads(args.threads)
+    paths = Paths(args.objects, args.backgrounds)
     start = time.perf_counter()
-    per_seed = [run_seed(args.objects, args.backgrounds, cfg, s) for s in seeds]
-    text = table(per_seed)
+    results = run(paths, cfg, seeds, args.methods, args.jobs)
     seconds = time.perf_counter() - start
     header = (
-        f"Dense quality on copy-paste scenes, {len(seeds)} seed(s), {cfg.steps} steps per "
-        f"stage, {cfg.arch} depth {cfg.depth} patch {cfg.patch_size}, "
-        f"{cfg.global_crop}px crops, {seconds / 60:.1f} min"
+        f"Dense quality on copy-paste scenes, {len(seeds)} seed(s), stage 1 "
+        f"{cfg.stage1_steps} steps, stage 2 {cfg.steps} steps, {cfg.arch} depth "
+        f"{cfg.depth} patch {cfg.patch_size}, {cfg.global_crop}px crops, "
+        f"{seconds / 60:.1f} min ({args.jobs} processes)"
     )
-    print(header)
+    text = "\n\n".join(
+        part
+        for part in (
+            header,
+            table(results, args.methods),
+            paired_differences(results, args.methods),
+            diagnostics(results),
+        )
+        if part
+    )
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(header + "\n\n" + text + "\n")
+    (args.out / "table.md").write_text(text + "\n")
     (args.out / "results.json").write_text(
         json.dumps(
             {
                 "config": asdict(cfg),
                 "seeds": seeds,
-                "results": per_seed,
+                "results": {str(seed): r for seed, r in results.items()},
                 "seconds": seconds,
             },
             indent=2,
