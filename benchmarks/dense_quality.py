@@ -299,6 +299,7 @@ def train_densecl(
     cfg: Config,
     lr: float,
     seed: int,
+    steps: int,
 ) -> CoTAPVisionTransformer:
     """DenseCL [Wang et al., 2021] from Lightly's components (as Lightly's example)."""
     torch.manual_seed(seed)
@@ -326,9 +327,9 @@ def train_densecl(
         dense = net["backbone"](x).dense.flatten(2).transpose(1, 2)  # (B, hw, C)
         return dense, net["global"](dense.mean(1)), net["local"](dense)
 
-    for step, (views, _) in enumerate(loop(loader, cfg.steps)):
-        set_lr(opt, step, cfg.steps, lr)
-        update_momentum(student, teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0))
+    for step, (views, _) in enumerate(loop(loader, steps)):
+        set_lr(opt, step, steps, lr)
+        update_momentum(student, teacher, cosine_schedule(step, steps, 0.99, 1.0))
         x0, x1 = views["student"][0], views["student"][1]
         q_dense, q_global, q_local = embed(student, x0)
         with torch.no_grad():
@@ -556,22 +557,15 @@ def stage2_task(
     data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
     lr = cfg.stage2_lr
     terms: dict[str, float] = {}
-    if method == "a_dino":
-        model = train_dino(
+    if method in ("a_dino", "d_densecl"):
+        train = train_dino if method == "a_dino" else train_densecl
+        model = train(
             CoTAPVisionTransformer.from_checkpoint(p_state).train(),
             data.images,
             cfg,
             lr,
             seed,
             cfg.steps,
-        )
-    elif method == "d_densecl":
-        model = train_densecl(
-            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
-            data.images,
-            cfg,
-            lr,
-            seed,
         )
     else:
         if method == "b_cotap_label_pairs":
