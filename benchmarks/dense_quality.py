@@ -102,7 +102,13 @@ LABELS = {
     "d_densecl": "(d) + DenseCL (Lightly)",
     "b_cotap_label_pairs": "(b') + CoTAP, positives share an object class (labels)",
 }
-METRICS = ("linear_probe", "kmeans", "retrieval")
+METRICS = ("linear_probe", "kmeans", "retrieval", "objectness")
+METRIC_NAMES = {
+    "linear_probe": "linear probe",
+    "kmeans": "k-means",
+    "retrieval": "retrieval",
+    "objectness": "object / background probe",
+}
 
 
 @dataclass
@@ -512,7 +518,33 @@ def evaluate(
         retrieval={"memory_size": cfg.memory_size},
         progress=False,
     )
-    return {name: float(result[name]["miou"]) for name in METRICS}
+    scores = {name: float(result[name]["miou"]) for name in METRICS[:3]}
+    # Class-agnostic diagnostic: does a linear probe find the objects at all?
+    objectness = evaluate_dense(
+        lambda x: model(x).dense,
+        object_masks(data.probe),
+        object_masks(data.test),
+        2,
+        label_size=cfg.label_size,
+        batch_size=32,
+        module=model,
+        seed=seed,
+        linear_probe={"steps": cfg.probe_steps},
+        kmeans={"skip": True},
+        overclustering_k=0,
+        retrieval={"skip": True},
+        progress=False,
+    )
+    scores["objectness"] = float(objectness["linear_probe"]["miou"])
+    return scores
+
+
+def object_masks(samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """The same images with masks 1 = any object, 0 = background (255 kept)."""
+    return [
+        (image, torch.where(mask == 255, mask, (mask > 0).to(mask.dtype)))
+        for image, mask in samples
+    ]
 
 
 @dataclass
@@ -642,8 +674,10 @@ def run(
 def table(results: dict[int, dict[str, Any]], methods: list[str]) -> str:
     """Markdown table: mean +- std (over seeds) of the mIoU in percent."""
     lines = [
-        "| model | linear probe mIoU (%) | k-means mIoU (%) | retrieval mIoU (%) |",
-        "|---|---:|---:|---:|",
+        "| model | "
+        + " | ".join(f"{METRIC_NAMES[m]} mIoU (%)" for m in METRICS)
+        + " |",
+        "|---|" + "---:|" * len(METRICS),
     ]
     for method in ["P", *methods]:
         cells = []
