@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightly.loss import DINOLoss, NTXentLoss
 from lightly.models.modules.heads import DenseCLProjectionHead, DINOProjectionHead
 from lightly.models.utils import (
@@ -500,6 +501,33 @@ def neighbor_agreement(
     return result
 
 
+@torch.no_grad()
+def foreground_agreement(
+    model: CoTAPVisionTransformer, samples: list[tuple[Tensor, Tensor]], patch: int
+) -> dict[str, float]:
+    """How well the teacher-style foreground mask (CLS attention) finds the objects.
+
+    A patch is an object patch when most of its labelled pixels are objects.
+
+    Returns:
+        ``object_rate`` (share of object patches), ``precision`` (share of object
+        patches among the masked ones) and ``recall`` (share of object patches that
+        are masked); an uninformative mask has precision == object_rate.
+    """
+    images = torch.stack([image for image, _ in samples])
+    masks = torch.stack([mask for _, mask in samples]).float()[:, None]
+    fg = torch.cat([model(b, return_fg_mask=True).fg_mask for b in images.split(32)])
+    valid = F.avg_pool2d((masks != 255).float(), patch)
+    objects = F.avg_pool2d(((masks > 0) & (masks != 255)).float(), patch)
+    is_object = (objects > 0.5 * valid)[:, 0]
+    fg = fg.reshape(is_object.shape)
+    return {
+        "object_rate": float(is_object.float().mean()),
+        "precision": float(is_object[fg].float().mean()),
+        "recall": float(fg[is_object].float().mean()),
+    }
+
+
 def evaluate(
     model: CoTAPVisionTransformer, data: SeedData, cfg: Config, seed: int
 ) -> dict[str, float]:
@@ -576,6 +604,7 @@ def stage1_task(
     report = {
         "scores": evaluate(model, data, cfg, seed),
         "neighbors": neighbor_agreement(neighbors, data.layouts),
+        "foreground_mask": foreground_agreement(model, data.test, cfg.patch_size),
         "seconds": time.perf_counter() - start,
     }
     return p_state, report
@@ -725,6 +754,14 @@ def diagnostics(results: dict[int, dict[str, Any]]) -> str:
         "and an object class in "
         f"{100 * statistics.mean(a['neighbors_shared_class'] for a in agreement):.0f}% "
         f"(chance {100 * statistics.mean(a['chance_shared_class'] for a in agreement):.0f}%)."
+    )
+    fg = [r["P"]["foreground_mask"] for r in results.values()]
+    out.append(
+        "P's CLS-attention foreground mask (the filter's mask in (b), (c)) on test "
+        "scenes: precision "
+        f"{100 * statistics.mean(f['precision'] for f in fg):.0f}% against an object "
+        f"rate of {100 * statistics.mean(f['object_rate'] for f in fg):.0f}%, recall "
+        f"{100 * statistics.mean(f['recall'] for f in fg):.0f}%."
     )
     for method in ("b_cotap", "c_cotap_no_rank", "b_cotap_label_pairs"):
         term_runs = [r[method]["loss_terms"] for r in results.values() if method in r]
