@@ -76,6 +76,7 @@ from lightly.models.utils import (
     update_momentum,
 )
 from lightly.utils.scheduler import cosine_schedule
+from pytorch_lightning import seed_everything
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -264,7 +265,7 @@ def train_dino(
     steps: int,
 ) -> CoTAPVisionTransformer:
     """DINO-style image-level training (Lightly's DINO head and loss) of ``model``."""
-    torch.manual_seed(seed)
+    seed_everything(seed, verbose=False)
 
     def make_head() -> DINOProjectionHead:
         return DINOProjectionHead(model.out_dim, 256, 64, 1024, freeze_last_layer=1)
@@ -309,7 +310,7 @@ def train_densecl(
     steps: int,
 ) -> CoTAPVisionTransformer:
     """DenseCL [Wang et al., 2021] from Lightly's components (as Lightly's example)."""
-    torch.manual_seed(seed)
+    seed_everything(seed, verbose=False)
     dim = model.out_dim
     student = nn.ModuleDict(
         {
@@ -367,7 +368,7 @@ def train_cotap(
     """
     from lightly_cotap.train.cotap_module import CoTAPModule
 
-    torch.manual_seed(seed)
+    seed_everything(seed, verbose=False)
     grid = cfg.global_crop // cfg.patch_size
     module = CoTAPModule(
         cfg.arch,
@@ -590,7 +591,7 @@ def stage1_task(
     """
     start = time.perf_counter()
     data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
-    torch.manual_seed(seed)
+    seed_everything(seed, verbose=False)
     model = train_dino(
         backbone(cfg, use_filter=False),
         data.images,
