@@ -682,7 +682,8 @@ def run(
                     seed, method = pending.pop(future)
                     if method == "P":
                         p_state, report = future.result()
-                        for name in methods:
+                        # CoTAP runs first: the slowest tasks should not be last.
+                        for name in sorted(methods, key=lambda m: "cotap" not in m):
                             task = pool.submit(
                                 stage2_task, paths, cfg, seed, name, p_state
                             )
