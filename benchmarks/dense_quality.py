@@ -21,7 +21,7 @@ scale that runs on a 2-core CPU:
   (b') a diagnostic: (b) with positives that share the scene's largest object class
       (from the labels, ``SemanticPairDataset(labels=...)``) instead of P's
       neighbours;
-- P and every stage-2 model are evaluated with
+- the random initialisation, P and every stage-2 model are evaluated with
   :func:`~lightly_cotap.eval.evaluate_dense` on disjoint test scenes (unseen objects
   and backgrounds): linear-probe (BatchNorm + 1x1 conv), k-means (K = classes,
   Hungarian) and retrieval mIoU; mean and standard deviation over seeds, and the
@@ -97,6 +97,7 @@ METHODS = (
     "b_cotap_label_pairs",
 )
 LABELS = {
+    "R": "random initialisation (no training)",
     "P": "P (stage 1, DINO from scratch)",
     "a_dino": "(a) + DINO",
     "b_cotap": "(b) + CoTAP (full)",
@@ -587,13 +588,16 @@ def stage1_task(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Stage 1: DINO from random initialisation -> checkpoint P and its report.
 
-    The report holds P's scores and how P's neighbours agree with the layouts.
+    The report holds the scores of the random initialisation and of P, and how P's
+    neighbours and attention mask agree with the layouts.
     """
     start = time.perf_counter()
     data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
     seed_everything(seed, verbose=False)
+    model = backbone(cfg, use_filter=False)
+    init_scores = evaluate(model.eval(), data, cfg, seed)
     model = train_dino(
-        backbone(cfg, use_filter=False),
+        model,
         data.images,
         cfg,
         cfg.lr,
@@ -603,6 +607,7 @@ def stage1_task(
     p_state = export_state_dict(model)
     neighbors = build_neighbors(p_state, data.images, cfg)
     report = {
+        "init_scores": init_scores,
         "scores": evaluate(model, data, cfg, seed),
         "neighbors": neighbor_agreement(neighbors, data.layouts),
         "foreground_mask": foreground_agreement(model, data.test, cfg.patch_size),
@@ -682,6 +687,7 @@ def run(
                     seed, method = pending.pop(future)
                     if method == "P":
                         p_state, report = future.result()
+                        results[seed]["R"] = {"scores": report["init_scores"]}
                         # CoTAP runs first: the slowest tasks should not be last.
                         for name in sorted(methods, key=lambda m: "cotap" not in m):
                             task = pool.submit(
@@ -710,7 +716,7 @@ def table(results: dict[int, dict[str, Any]], methods: list[str]) -> str:
         + " |",
         "|---|" + "---:|" * len(METRICS),
     ]
-    for method in ["P", *methods]:
+    for method in ["R", "P", *methods]:
         cells = []
         for metric in METRICS:
             values = [100 * r[method]["scores"][metric] for r in results.values()]
