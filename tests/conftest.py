@@ -1,9 +1,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
+import skimage.data
 import torch
+from PIL import Image
+
+# Real photos shipped with scikit-image (CC0 / public domain) for copy-paste scenes.
+OBJECT_PHOTOS = {"cat": "chelsea", "cup": "coffee", "rocket": "rocket"}
+GRAY_BACKGROUNDS = ("camera", "brick", "grass", "gravel", "moon", "coins")
 
 
 @pytest.fixture(autouse=True)
@@ -17,3 +25,46 @@ def _single_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(num_threads)
+
+
+def _cutout(
+    photo: np.ndarray, box: tuple[int, int, int, int], soft: bool
+) -> Image.Image:
+    """RGBA cut-out of a photo crop with a notched elliptical alpha mask."""
+    x0, y0, x1, y1 = box
+    rgb = photo[y0:y1, x0:x1]
+    h, w = rgb.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    r = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2
+    r[: h // 2, int(0.6 * w) :] = 2.0  # notch: asymmetric, so flips are visible
+    if soft:
+        alpha = np.clip((1.05 - r) / 0.1, 0, 1) * 255  # soft rim, half below 128
+    else:
+        alpha = (r <= 1.0) * 255
+    return Image.fromarray(np.dstack([rgb, alpha.astype(np.uint8)]))
+
+
+@pytest.fixture(scope="session")
+def copy_paste_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(objects, backgrounds)`` folders for CopyPasteScenes made of real photos.
+
+    Three classes of three RGBA cut-outs each (the last one with a soft alpha rim)
+    and six grey background photos.
+    """
+    root = tmp_path_factory.mktemp("copy_paste")
+    objects, backgrounds = root / "objects", root / "backgrounds"
+    for name, photo_name in OBJECT_PHOTOS.items():
+        photo = getattr(skimage.data, photo_name)()
+        h, w = photo.shape[:2]
+        (objects / name).mkdir(parents=True)
+        boxes = [
+            (0, 0, w // 2, h // 2),
+            (w // 3, h // 4, w, h),
+            (w // 4, 0, 3 * w // 4, h),
+        ]
+        for i, box in enumerate(boxes):
+            _cutout(photo, box, soft=i == 2).save(objects / name / f"{name}{i}.png")
+    backgrounds.mkdir()
+    for name in GRAY_BACKGROUNDS:
+        Image.fromarray(getattr(skimage.data, name)()).save(backgrounds / f"{name}.png")
+    return objects, backgrounds

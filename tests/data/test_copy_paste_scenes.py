@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +21,10 @@ from lightly_cotap.data.copy_paste_scenes import (
 from lightly_cotap.data.segmentation_folder import SegmentationFolder
 from lightly_cotap.eval import evaluate_dense
 
-# Real photos shipped with scikit-image (CC0 / public domain).
-OBJECT_PHOTOS = {"cat": "chelsea", "cup": "coffee", "rocket": "rocket"}
-GRAY_BACKGROUNDS = ("camera", "brick", "grass", "gravel", "moon", "coins")
 
-
-@pytest.fixture(autouse=True)
-def _single_torch_thread() -> Iterator[None]:
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
-def _cutout(
-    photo: np.ndarray, box: tuple[int, int, int, int], soft: bool
-) -> Image.Image:
-    """RGBA cut-out of a photo crop with a notched elliptical alpha mask."""
-    x0, y0, x1, y1 = box
-    rgb = photo[y0:y1, x0:x1]
-    h, w = rgb.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    r = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2
-    r[: h // 2, int(0.6 * w) :] = 2.0  # notch: asymmetric, so flips are visible
-    if soft:
-        alpha = np.clip((1.05 - r) / 0.1, 0, 1) * 255  # soft rim, half below 128
-    else:
-        alpha = (r <= 1.0) * 255
-    return Image.fromarray(np.dstack([rgb, alpha.astype(np.uint8)]))
-
-
-def _make_inputs(root: Path) -> tuple[Path, Path]:
-    objects, backgrounds = root / "objects", root / "backgrounds"
-    for name, photo_name in OBJECT_PHOTOS.items():
-        photo = getattr(skimage.data, photo_name)()
-        h, w = photo.shape[:2]
-        (objects / name).mkdir(parents=True)
-        boxes = [
-            (0, 0, w // 2, h // 2),
-            (w // 3, h // 4, w, h),
-            (w // 4, 0, 3 * w // 4, h),
-        ]
-        for i, box in enumerate(boxes):
-            _cutout(photo, box, soft=i == 2).save(objects / name / f"{name}{i}.png")
-    backgrounds.mkdir()
-    for name in GRAY_BACKGROUNDS:
-        Image.fromarray(getattr(skimage.data, name)()).save(backgrounds / f"{name}.png")
-    return objects, backgrounds
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _make_inputs(tmp_path_factory.mktemp("copy_paste"))
+@pytest.fixture
+def inputs(copy_paste_inputs: tuple[Path, Path]) -> tuple[Path, Path]:
+    return copy_paste_inputs
 
 
 def _scenes(inputs: tuple[Path, Path], **kwargs: Any) -> CopyPasteScenes:
@@ -229,10 +180,12 @@ def test_invalid_arguments(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     assert len(CopyPasteScenes(lonely, backgrounds, split="all", num_samples=2)) == 2
 
 
-def test_photo_filter_and_tuxpaint_layout(tmp_path: Path) -> None:
+def test_photo_filter_and_tuxpaint_layout(
+    tmp_path: Path, copy_paste_inputs: tuple[Path, Path]
+) -> None:
     stamps = tmp_path / "stamps"
     photo = skimage.data.chelsea()
-    cut = _cutout(photo, (0, 0, 200, 200), soft=False)
+    cut = Image.open(copy_paste_inputs[0] / "cat" / "cat0.png")  # hard-edged cut-out
     flat = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
     flat.paste((255, 0, 0, 255), (20, 20, 80, 80))  # clip-art: one colour
     files = {
