@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +129,17 @@ def build_model_from_checkpoint(
 ) -> CoTAPVisionTransformer:
     """Builds a CoTAPVisionTransformer from any supported checkpoint file.
 
-    A lightly-cotap export is rebuilt from its ``meta``. Otherwise ``arch`` (a timm
-    name) is required; the filter settings default to what the checkpoint holds
-    (filter keys present -> filter with their number / size of prototypes).
+    A lightly-cotap export is rebuilt from its ``meta``, and a Lightning checkpoint of
+    :class:`~lightly_cotap.train.cotap_module.CoTAPModule` from its hyper-parameters
+    (``backbone`` and ``backbone_kwargs``, e.g. a custom depth or patch size; the
+    student backbone is loaded). Otherwise ``arch`` (a timm name) is required; the
+    filter settings default to what the checkpoint holds (filter keys present ->
+    filter with their number / size of prototypes).
 
     Args:
         checkpoint_path: Input checkpoint.
-        arch: timm architecture name (needed without ``meta``).
+        arch: timm architecture name (needed without ``meta`` or CoTAPModule
+            hyper-parameters; overrides the latter).
         use_filter: Build the filter; None = whether the checkpoint has one.
         num_prototypes: None = from the checkpoint (default 64).
         prototype_size: None = from the checkpoint (default 3).
@@ -155,10 +159,20 @@ def build_model_from_checkpoint(
     checkpoint = load_checkpoint_file(checkpoint_path, weights_only=weights_only)
     if isinstance(checkpoint.get("meta"), dict) and prefix is None:
         return CoTAPVisionTransformer.from_checkpoint(checkpoint)
+    backbone_kwargs: dict[str, Any] = {}
+    hparams = checkpoint.get("hyper_parameters")
+    if (
+        arch is None
+        and isinstance(hparams, Mapping)
+        and isinstance(hparams.get("backbone"), str)
+    ):
+        arch = hparams["backbone"]
+        backbone_kwargs = dict(hparams.get("backbone_kwargs") or {})
+        backbone_kwargs.pop("img_size", None)  # the position embedding is resampled
     if arch is None:
         raise ValueError(
-            f"'{checkpoint_path}' is not a lightly-cotap export (no 'meta'); pass the "
-            "timm architecture name (--arch)."
+            f"'{checkpoint_path}' is neither a lightly-cotap export (no 'meta') nor a "
+            "CoTAPModule checkpoint; pass the timm architecture name (--arch)."
         )
     state_dict, _, _ = extract_backbone_state_dict(
         checkpoint, prefix=prefix, checkpoint_key=checkpoint_key
@@ -175,6 +189,7 @@ def build_model_from_checkpoint(
         num_prototypes=num_prototypes or 64,
         prototype_size=prototype_size or 3,
         img_size=img_size,
+        **backbone_kwargs,
     )
     report = model.load_pretrained(
         checkpoint, strict=True, prefix=prefix, checkpoint_key=checkpoint_key

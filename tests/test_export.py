@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from lightly_cotap.export import (
+    build_model_from_checkpoint,
     export_backbone,
     export_state_dict,
     load_backbone,
@@ -169,6 +170,35 @@ def test_cli_converts_lightning_checkpoint(tmp_path: Path, no_network: None) -> 
     again = tmp_path / "again.pth"
     assert main(["--checkpoint", str(out_path), "--output", str(again)]) == 0
     assert _max_abs_diff(student, load_backbone(again)) == 0.0
+
+
+def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
+    from lightly_cotap.train import CoTAPModule
+
+    torch.manual_seed(0)
+    module = CoTAPModule(
+        "vit_tiny_patch16_224",
+        backbone_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=48),
+        num_prototypes=5,
+        head_hidden_dim=16,
+        head_bottleneck_dim=8,
+        patch_prototypes=8,
+        cls_prototypes=8,
+        max_steps=1,
+    )
+    _trained_like(module.student.backbone)
+    path = tmp_path / "last.ckpt"
+    # The layout of a Lightning checkpoint (weights + save_hyperparameters()).
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
+        path,
+    )
+    model = build_model_from_checkpoint(path, img_size=48)
+    assert (model.patch_size, len(model.vit.blocks), model.num_prototypes) == (8, 2, 5)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = module.student.backbone.eval()(x).dense
+        torch.testing.assert_close(model(x).dense, expected)
 
 
 def test_cli_needs_arch_without_meta(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ Usage::
 loads the backbone (a ``lightly_cotap.export`` file, a Lightning / training
 checkpoint or a plain timm / DINO state dict, through the project's one checkpoint
 mapper :func:`lightly_cotap.export.build_model_from_checkpoint`; pass ``--arch`` when
-the checkpoint has no ``meta``), runs :func:`lightly_cotap.eval.evaluate_dense` (linear
+the checkpoint has neither ``meta`` nor CoTAPModule hyper-parameters), runs :func:`lightly_cotap.eval.evaluate_dense` (linear
 probe, k-means, overclustering, retrieval), prints a table and writes
 ``OUT/report.json`` plus ``OUT/pca.png`` and ``OUT/similarity.png``.
 
@@ -70,7 +70,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--arch",
         default=None,
         help="timm ViT name (e.g. vit_small_patch16_224), needed when the checkpoint "
-        "has no lightly-cotap 'meta'.",
+        "has neither lightly-cotap 'meta' nor CoTAPModule hyper-parameters.",
     )
     ckpt.add_argument("--prefix", default=None, help="Backbone key prefix.")
     ckpt.add_argument("--checkpoint-key", default=None, help="Top-level sub-dict.")

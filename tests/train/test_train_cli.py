@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lightly_cotap.cli import build_parser, main
-from lightly_cotap.export import load_backbone
+from lightly_cotap.export import build_model_from_checkpoint, load_backbone
 from lightly_cotap.models import CoTAPVisionTransformer
 from lightly_cotap.train import CoTAPModule
 from lightly_cotap.train.run import DEMO_PRESET, PAPER_PRESET, resolve_settings
@@ -91,10 +91,14 @@ def _check_exported_backbone(demo_run: Path) -> None:
     assert isinstance(exported, CoTAPVisionTransformer)
     assert exported.prototypes_initialized
     fresh = CoTAPVisionTransformer.from_checkpoint(demo_run / "backbone.pth")
+    # The Lightning checkpoint itself, rebuilt from its hyper-parameters.
+    from_lightning = build_model_from_checkpoint(
+        demo_run / "checkpoints" / "last.ckpt", img_size=64
+    )
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = student(images, return_fg_mask=True)
-        for model in (exported, fresh):
+        for model in (exported, fresh, from_lightning):
             got = model(images, return_fg_mask=True)
             assert torch.equal(got.dense, want.dense)
             assert torch.equal(got.cls, want.cls)
