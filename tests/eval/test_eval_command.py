@@ -4,9 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import skimage.data
 import torch
 from PIL import Image
 
@@ -15,40 +13,18 @@ from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
 from lightly_cotap.export import export_backbone
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
 
-# Real photos shipped with scikit-image (CC0 / public domain).
-OBJECT_PHOTOS = {"cat": "chelsea", "cup": "coffee", "rocket": "rocket"}
-BACKGROUNDS = ("camera", "brick", "grass", "gravel", "moon")
 SIZE = 32
-NUM_CLASSES = 1 + len(OBJECT_PHOTOS)
+NUM_CLASSES = 4  # background + the 3 object classes of copy_paste_inputs
 EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
 
 
-def _cutout(photo: np.ndarray, box: tuple[int, int, int, int]) -> Image.Image:
-    """RGBA cut-out of a photo crop with an elliptical alpha mask."""
-    x0, y0, x1, y1 = box
-    rgb = photo[y0:y1, x0:x1]
-    h, w = rgb.shape[:2]
-    yy, xx = np.mgrid[0:h, 0:w]
-    r = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.45 * w)) ** 2
-    return Image.fromarray(np.dstack([rgb, ((r <= 1.0) * 255).astype(np.uint8)]))
-
-
 @pytest.fixture(scope="module")
-def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def scenes(
+    tmp_path_factory: pytest.TempPathFactory, copy_paste_inputs: tuple[Path, Path]
+) -> Path:
     """``train/`` and ``test/`` image + mask folders of copy-paste scenes."""
     root = tmp_path_factory.mktemp("eval_command")
-    objects, backgrounds = root / "objects", root / "backgrounds"
-    for name, photo_name in OBJECT_PHOTOS.items():
-        photo = getattr(skimage.data, photo_name)()
-        h, w = photo.shape[:2]
-        (objects / name).mkdir(parents=True)
-        for i, box in enumerate(
-            [(0, 0, w // 2, h // 2), (w // 3, h // 4, w, h), (w // 4, 0, 3 * w // 4, h)]
-        ):
-            _cutout(photo, box).save(objects / name / f"{name}{i}.png")
-    backgrounds.mkdir()
-    for name in BACKGROUNDS:
-        Image.fromarray(getattr(skimage.data, name)()).save(backgrounds / f"{name}.png")
+    objects, backgrounds = copy_paste_inputs
     for split, num, seed in (("train", 12, 0), ("test", 6, 1)):
         CopyPasteScenes(
             objects,
