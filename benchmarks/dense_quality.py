@@ -533,20 +533,23 @@ def foreground_agreement(
 def evaluate(
     model: CoTAPVisionTransformer, data: SeedData, cfg: Config, seed: int
 ) -> dict[str, float]:
-    result = evaluate_dense(
-        lambda x: model(x).dense,
-        data.probe,
-        data.test,
-        data.num_classes,
+    common: dict[str, Any] = dict(
         label_size=cfg.label_size,
         batch_size=32,
         module=model,
         seed=seed,
         linear_probe={"steps": cfg.probe_steps},
-        kmeans={"n_init": 3},
         overclustering_k=0,
-        retrieval={"memory_size": cfg.memory_size},
         progress=False,
+    )
+    result = evaluate_dense(
+        lambda x: model(x).dense,
+        data.probe,
+        data.test,
+        data.num_classes,
+        kmeans={"n_init": 3},
+        retrieval={"memory_size": cfg.memory_size},
+        **common,
     )
     scores = {name: float(result[name]["miou"]) for name in METRICS[:3]}
     # Class-agnostic diagnostic: does a linear probe find the objects at all?
@@ -555,15 +558,9 @@ def evaluate(
         object_masks(data.probe),
         object_masks(data.test),
         2,
-        label_size=cfg.label_size,
-        batch_size=32,
-        module=model,
-        seed=seed,
-        linear_probe={"steps": cfg.probe_steps},
         kmeans={"skip": True},
-        overclustering_k=0,
         retrieval={"skip": True},
-        progress=False,
+        **common,
     )
     scores["objectness"] = float(objectness["linear_probe"]["miou"])
     return scores
