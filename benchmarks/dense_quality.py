@@ -218,6 +218,16 @@ def transform(cfg: Config) -> CoTAPTransform:
     )
 
 
+def view_loader(images: SceneImages, cfg: Config) -> DataLoader[Any]:
+    """Shuffled batches of the CoTAP crops of the scenes (single-image methods)."""
+    return DataLoader(
+        SceneImages(images.images, transform(cfg)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+    )
+
+
 def loop(loader: DataLoader[Any], steps: int) -> Iterator[Any]:
     done = 0
     while True:
@@ -278,12 +288,7 @@ def train_dino(
     teacher["head"].load_state_dict(head.state_dict())
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(output_dim=1024, warmup_teacher_temp_epochs=0)
-    loader = DataLoader(
-        SceneImages(images.images, transform(cfg)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-    )
+    loader = view_loader(images, cfg)
     opt = optimizer(list(student.parameters()), lr)
     student.train()
     for step, (views, _) in enumerate(loop(loader, steps)):
@@ -324,12 +329,7 @@ def train_densecl(
     deactivate_requires_grad(teacher)
     global_loss = NTXentLoss(temperature=0.2, memory_bank_size=(2048, 64))
     local_loss = NTXentLoss(temperature=0.2, memory_bank_size=(2048, 64))
-    loader = DataLoader(
-        SceneImages(images.images, transform(cfg)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=True,
-    )
+    loader = view_loader(images, cfg)
     opt = optimizer(list(student.parameters()), lr)
 
     def embed(net: nn.ModuleDict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -582,11 +582,12 @@ class Paths:
 
 def stage1_task(
     paths: Paths, cfg: Config, seed: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, Any], NeighborIndex, dict[str, Any]]:
     """Stage 1: DINO from random initialisation -> checkpoint P and its report.
 
-    The report holds the scores of the random initialisation and of P, and how P's
-    neighbours and attention mask agree with the layouts.
+    Returns P, P's neighbour index (the positives of the CoTAP runs) and the report:
+    the scores of the random initialisation and of P, and how P's neighbours and
+    attention mask agree with the layouts.
     """
     start = time.perf_counter()
     data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
@@ -610,13 +611,22 @@ def stage1_task(
         "foreground_mask": foreground_agreement(model, data.test, cfg.patch_size),
         "seconds": time.perf_counter() - start,
     }
-    return p_state, report
+    return p_state, neighbors, report
 
 
 def stage2_task(
-    paths: Paths, cfg: Config, seed: int, method: str, p_state: dict[str, Any]
+    paths: Paths,
+    cfg: Config,
+    seed: int,
+    method: str,
+    p_state: dict[str, Any],
+    neighbors: NeighborIndex,
 ) -> dict[str, Any]:
-    """Stage 2: continues from P with one of the methods, then evaluates."""
+    """Stage 2: continues from P with one of the methods, then evaluates.
+
+    The scenes are rendered again here (a few seconds; deterministic in the seed)
+    rather than sent to the worker process.
+    """
     start = time.perf_counter()
     data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
     lr = cfg.stage2_lr
@@ -632,20 +642,14 @@ def stage2_task(
             cfg.steps,
         )
     else:
-        if method == "b_cotap_label_pairs":
-            pairs = SemanticPairDataset(
-                SceneImages(data.images.images),
-                labels=data.image_labels,
-                transform=transform(cfg),
-                seed=seed,
-            )
-        else:
-            pairs = SemanticPairDataset(
-                SceneImages(data.images.images),
-                neighbors=build_neighbors(p_state, data.images, cfg),
-                transform=transform(cfg),
-                seed=seed,
-            )
+        positives: dict[str, Any] = (
+            {"labels": data.image_labels}
+            if method == "b_cotap_label_pairs"
+            else {"neighbors": neighbors}
+        )
+        pairs = SemanticPairDataset(
+            data.images, transform=transform(cfg), seed=seed, **positives
+        )
         weight = 0.0 if method == "c_cotap_no_rank" else 1.0
         model, terms = train_cotap(p_state, pairs, cfg, lr, seed, cotap_weight=weight)
     return {
@@ -683,12 +687,12 @@ def run(
                 for future in done:
                     seed, method = pending.pop(future)
                     if method == "P":
-                        p_state, report = future.result()
+                        p_state, neighbors, report = future.result()
                         results[seed]["R"] = {"scores": report["init_scores"]}
                         # CoTAP runs first: the slowest tasks should not be last.
                         for name in sorted(methods, key=lambda m: "cotap" not in m):
                             task = pool.submit(
-                                stage2_task, paths, cfg, seed, name, p_state
+                                stage2_task, paths, cfg, seed, name, p_state, neighbors
                             )
                             pending[task] = (seed, name)
                     else:
