@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -682,20 +683,16 @@ def load_backbone_state_dict(
 
 def _summarize_keys(keys: list[str], max_block_keys: int = 3) -> list[str]:
     """Lists keys, collapsing blocks with many keys to 'blocks.N.* (n keys)'."""
-    per_block: dict[str, list[str]] = {}
-    for key in keys:
-        match = re.match(r"^(blocks\.\d+\.)", key)
-        if match is not None:
-            per_block.setdefault(match.group(1), []).append(key)
+    blocks = [re.match(r"^(blocks\.\d+\.)", key) for key in keys]
+    counts = Counter(match.group(1) for match in blocks if match is not None)
     out: list[str] = []
     done: set[str] = set()
-    for key in keys:
-        match = re.match(r"^(blocks\.\d+\.)", key)
-        if match is None or len(per_block[match.group(1)]) <= max_block_keys:
+    for key, match in zip(keys, blocks):
+        if match is None or counts[match.group(1)] <= max_block_keys:
             out.append(key)
         elif match.group(1) not in done:
             done.add(match.group(1))
-            out.append(f"{match.group(1)}* ({len(per_block[match.group(1)])} keys)")
+            out.append(f"{match.group(1)}* ({counts[match.group(1)]} keys)")
     return out
 
 
