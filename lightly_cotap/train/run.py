@@ -284,21 +284,17 @@ def _build_dataset(data: str | None) -> Dataset[Any]:
 
 
 def _visualization_images(size: int, count: int = 4) -> Tensor:
-    from lightly.transforms.utils import IMAGENET_NORMALIZE
     from torchvision.transforms import functional as TF
 
     from lightly_cotap.data import load_sample_images
+    from lightly_cotap.data.segmentation_folder import image_to_tensor
 
-    images = []
-    for image in load_sample_images()[:count]:
-        image = TF.center_crop(TF.resize(image, size), [size, size])
-        tensor = TF.normalize(
-            TF.to_tensor(image),
-            mean=IMAGENET_NORMALIZE["mean"],
-            std=IMAGENET_NORMALIZE["std"],
-        )
-        images.append(tensor)
-    return torch.stack(images)
+    return torch.stack(
+        [
+            image_to_tensor(TF.center_crop(TF.resize(image, size), [size, size]))
+            for image in load_sample_images()[:count]
+        ]
+    )
 
 
 @torch.no_grad()
