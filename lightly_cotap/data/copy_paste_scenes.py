@@ -5,8 +5,14 @@
 - a random square crop of a real background photo, resized to ``image_size``;
 - 1-3 real object cut-outs (RGBA photos whose alpha channel is the exact object mask,
   class = name of the folder they are in), scaled so their longest side is 0.3-0.7 of
-  the image, randomly flipped and placed inside the image; later objects occlude
-  earlier ones.
+  the image, randomly flipped and placed inside the image (or near its centre, with
+  ``center_jitter``); later objects occlude earlier ones.
+
+With ``augment_backgrounds=True`` the background is a
+:class:`~lightly_cotap.data.background_views.BackgroundView` instead (half procedural
+textures, half strongly augmented photo crops), so no background repeats
+recognisably. One large centred object per image (``num_objects=(1, 1)``,
+``object_scale=(0.55, 0.85)``, ``center_jitter=0.1``) gives object-centric images.
 
 The mask holds the class id (folder index + 1) wherever the pasted alpha exceeds 128
 and 0 (background) elsewhere. Samples are a pure function of ``(seed, index)``, so the
@@ -37,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from lightly_cotap.data.background_views import BackgroundView
 from lightly_cotap.data.segmentation_folder import IMAGE_EXTENSIONS, image_to_tensor
 
 #: The 7 Tux Paint stamp classes and their stamp folders (label = position + 1).
@@ -97,11 +104,14 @@ class SceneLayout:
         crop: ``(x0, y0, x1, y1)`` square crop of the background (in the loaded,
             possibly downscaled photo).
         objects: Objects in paste order (later ones occlude earlier ones).
+        background_view: The augmented background that replaces the plain crop, or
+            None.
     """
 
     background: Path
     crop: tuple[int, int, int, int]
     objects: tuple[PastedObject, ...]
+    background_view: BackgroundView | None = None
 
 
 def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
@@ -172,6 +182,8 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
         image_size: int = 224,
         num_objects: tuple[int, int] = (1, 3),
         object_scale: tuple[float, float] = (0.3, 0.7),
+        center_jitter: float | None = None,
+        augment_backgrounds: bool = False,
         classes: Sequence[str] | None = None,
         test_fraction: float = 0.3,
         seed: int = 0,
@@ -194,6 +206,11 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             num_objects: Inclusive range of objects per scene.
             object_scale: Range of the pasted longest side, as a fraction of
                 ``image_size``.
+            center_jitter: If set, objects are centred, shifted by up to this
+                fraction of ``image_size`` in x and y (kept inside the image);
+                ``None`` places them uniformly.
+            augment_backgrounds: Replace the plain background crop by a random
+                :class:`~lightly_cotap.data.background_views.BackgroundView`.
             classes: Class folder names in label order; ``None`` uses the sorted
                 sub-folders of ``objects_root``.
             test_fraction: Fraction of every class's objects and of the backgrounds
@@ -236,6 +253,10 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             raise ValueError(
                 f"object_scale must satisfy 0 < lo <= hi <= 1, got {object_scale}."
             )
+        if center_jitter is not None and not 0 <= center_jitter <= 0.5:
+            raise ValueError(
+                f"center_jitter must lie in [0, 0.5] or be None, got {center_jitter}."
+            )
         if not 0 < test_fraction < 1:
             raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")
         if classes is None:
@@ -269,6 +290,8 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
         self.image_size = image_size
         self.num_objects = num_objects
         self.object_scale = object_scale
+        self.center_jitter = center_jitter
+        self.augment_backgrounds = augment_backgrounds
         self.seed = seed
         self.split_seed = split_seed
         self.alpha_threshold = alpha_threshold
@@ -343,10 +366,30 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             w = min(size, max(1, round(obj.width * scale)))
             h = min(size, max(1, round(obj.height * scale)))
             flip = bool(rng.random() < 0.5)
-            x = int(rng.integers(0, size - w + 1))
-            y = int(rng.integers(0, size - h + 1))
+            if self.center_jitter is None:
+                x = int(rng.integers(0, size - w + 1))
+                y = int(rng.integers(0, size - h + 1))
+            else:
+                x, y = (
+                    int(
+                        np.clip(
+                            round((size - extent) / 2 + shift * size), 0, size - extent
+                        )
+                    )
+                    for extent, shift in zip(
+                        (w, h), rng.uniform(-self.center_jitter, self.center_jitter, 2)
+                    )
+                )
             objects.append(PastedObject(path, class_id, (x, y, x + w, y + h), flip))
-        return SceneLayout(bg_path, (x0, y0, x0 + side, y0 + side), tuple(objects))
+        view = None
+        if self.augment_backgrounds:
+            # A separate stream, so the layouts without augmentation stay unchanged.
+            view = BackgroundView.draw(
+                np.random.default_rng([self.seed, index, 1]), bg.size
+            )
+        return SceneLayout(
+            bg_path, (x0, y0, x0 + side, y0 + side), tuple(objects), view
+        )
 
     def render(self, layout: SceneLayout) -> tuple[Image.Image, np.ndarray]:
         """Renders a layout.
@@ -359,9 +402,13 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             Mask shape: (image_size, image_size), uint8.
         """
         size = self.image_size
-        scene = self._background(layout.background).resize(
-            (size, size), Image.Resampling.BILINEAR, box=layout.crop
-        )
+        photo = self._background(layout.background)
+        if layout.background_view is not None:
+            scene = layout.background_view.render(photo, size)
+        else:
+            scene = photo.resize(
+                (size, size), Image.Resampling.BILINEAR, box=layout.crop
+            )
         mask = np.zeros((size, size), dtype=np.uint8)
         for obj in layout.objects:
             x0, y0, x1, y1 = obj.box
