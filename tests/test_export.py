@@ -201,12 +201,18 @@ def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
         torch.testing.assert_close(model(x).dense, expected)
 
 
-def test_cli_needs_arch_without_meta(tmp_path: Path) -> None:
+def test_cli_needs_arch_without_meta(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64, depth=2)
     path = tmp_path / "plain.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(ValueError, match="--arch"):
+    with pytest.raises(SystemExit) as info:
         main(["--checkpoint", str(path), "--output", str(tmp_path / "x.pth")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --checkpoint: '{path}': neither a lightly-cotap export" in err
+    assert "--arch" in err and "Traceback" not in err
 
 
 def test_errors(tmp_path: Path) -> None:
