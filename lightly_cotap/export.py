@@ -249,31 +249,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_export(args: argparse.Namespace) -> None:
+def build_model_from_args(
+    args: argparse.Namespace, **kwargs: Any
+) -> CoTAPVisionTransformer:
+    """:func:`build_model_from_checkpoint` for a command line, with user errors.
+
+    Args:
+        args: Parsed ``--checkpoint``, ``--arch``, ``--prefix``,
+            ``--checkpoint-key`` and ``--unsafe-load``.
+        **kwargs: Further arguments of :func:`build_model_from_checkpoint`.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        UsageError: If ``--arch`` is no timm ViT or the checkpoint cannot be loaded
+            or does not fit.
+    """
     if args.arch is not None and (problem := vit_name_problem(args.arch)):
         raise UsageError("--arch", args.arch, problem)
+    try:
+        return build_model_from_checkpoint(
+            args.checkpoint,
+            arch=args.arch,
+            prefix=args.prefix,
+            checkpoint_key=args.checkpoint_key,
+            weights_only=not args.unsafe_load,
+            **kwargs,
+        )
+    except (FileNotFoundError, ValueError) as ex:
+        raise checkpoint_error(
+            "--checkpoint", args.checkpoint, ex, "pass --unsafe-load"
+        ) from ex
+
+
+def _run_export(args: argparse.Namespace) -> None:
     for option in ("num_prototypes", "prototype_size", "img_size"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise UsageError(f"--{option.replace('_', '-')}", value, "must be >= 1")
     if Path(args.output).is_dir():
         raise UsageError("--output", args.output, "is a folder; name the output file")
-    try:
-        model = build_model_from_checkpoint(
-            args.checkpoint,
-            arch=args.arch,
-            use_filter=args.use_filter,
-            num_prototypes=args.num_prototypes,
-            prototype_size=args.prototype_size,
-            prefix=args.prefix,
-            checkpoint_key=args.checkpoint_key,
-            img_size=args.img_size,
-            weights_only=not args.unsafe_load,
-        )
-    except (FileNotFoundError, ValueError) as ex:
-        raise checkpoint_error(
-            "--checkpoint", args.checkpoint, ex, "pass --unsafe-load"
-        ) from ex
+    model = build_model_from_args(
+        args,
+        use_filter=args.use_filter,
+        num_prototypes=args.num_prototypes,
+        prototype_size=args.prototype_size,
+        img_size=args.img_size,
+    )
     EXPORT_FORMATS[args.format](model, Path(args.output))
     print(f"Wrote {args.format} checkpoint to {args.output}", file=sys.stderr)
 

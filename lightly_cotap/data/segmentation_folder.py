@@ -76,6 +76,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         image_size: ``(H, W)`` every sample is resized to (image bilinear, mask
             nearest), or ``None`` to keep the file sizes (then batching needs equal
             sizes).
+        label_mapping: Function applied to every mask's label array, or ``None``.
 
     Examples:
         >>> dataset = SegmentationFolder("scenes/test/images", "scenes/test/masks")

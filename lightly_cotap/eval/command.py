@@ -37,12 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lightly_cotap.atomic_write import write_json
-from lightly_cotap.user_errors import (
-    UsageError,
-    add_debug_argument,
-    checkpoint_error,
-    run_command,
-)
+from lightly_cotap.user_errors import UsageError, add_debug_argument, run_command
 
 #: Evaluations that ``--skip`` accepts (keys of the report).
 EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
@@ -193,24 +188,9 @@ def _split(
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from lightly_cotap.export import build_model_from_checkpoint
-    from lightly_cotap.models.cotap_vit import vit_name_problem
+    from lightly_cotap.export import build_model_from_args
 
-    if args.arch is not None and (problem := vit_name_problem(args.arch)):
-        raise UsageError("--arch", args.arch, problem)
-    try:
-        model = build_model_from_checkpoint(
-            Path(args.checkpoint),
-            arch=args.arch,
-            prefix=args.prefix,
-            checkpoint_key=args.checkpoint_key,
-            img_size=args.image_size,
-            weights_only=not args.unsafe_load,
-        )
-    except (FileNotFoundError, ValueError) as ex:
-        raise checkpoint_error(
-            "--checkpoint", args.checkpoint, ex, "pass --unsafe-load"
-        ) from ex
+    model = build_model_from_args(args, img_size=args.image_size)
     if args.image_size % model.patch_size != 0:
         raise UsageError(
             "--image-size",

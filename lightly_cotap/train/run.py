@@ -389,6 +389,8 @@ def _check_settings(s: Mapping[str, Any]) -> None:
     for key in ("momentum_start", "momentum_end", "p_self"):
         if not 0 <= s[key] <= 1:
             raise UsageError(_flag(key), s[key], "must lie in [0, 1]")
+    if s["data"] is not None and not Path(s["data"]).is_dir():
+        raise UsageError("--data", s["data"], "is not a folder of images")
     from lightly_cotap.models.cotap_vit import vit_name_problem
 
     problem = vit_name_problem(s["backbone"])
@@ -456,8 +458,6 @@ def _build_dataset(
     from lightly_cotap.data.image_folder import ImageFolderDataset
     from lightly_cotap.data.image_io import IMAGE_EXTENSIONS
 
-    if not Path(data).is_dir():
-        raise UsageError("--data", data, "is not a folder of images")
     dataset = ImageFolderDataset(data, num_threads=num_threads, progress=progress)
     total = len(dataset) + len(dataset.skipped)
     if dataset.skipped:
@@ -649,12 +649,13 @@ def _report_overrides(saved: Mapping[str, Any], s: Mapping[str, Any]) -> None:
         new = list(s[key]) if isinstance(s[key], tuple) else s[key]
         if new == old:
             continue
-        if key in ARCHITECTURE_KEYS:
+        if key in ARCHITECTURE_KEYS or key == "init":
             raise UsageError(
                 _flag(key),
                 new,
                 f"the resumed run was trained with {old}; a resumed run keeps its "
-                "architecture (start a new run from its weights with --init)",
+                "architecture and weights (start a new run from its weights with "
+                "--init)",
             )
         _say(f"{_flag(key)}: {new} overrides the resumed run's {old}")
 
@@ -813,13 +814,18 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
             f"cannot be built with these settings: {first_lines(str(ex))}",
         ) from ex
     patch_size = module.backbone.patch_size
+    for key in ("global_crop_size", "local_crop_size"):
+        if s[key] % patch_size:
+            raise UsageError(
+                _flag(key), s[key], f"must be a multiple of the patch size {patch_size}"
+            )
     grid = s["global_crop_size"] // patch_size
-    if s["global_crop_size"] % patch_size or max(s["pool_sizes"]) > grid:
+    if max(s["pool_sizes"]) > grid:
         raise UsageError(
             "--pool-sizes",
             list(s["pool_sizes"]),
             f"must fit the {grid} x {grid} patch grid of --global-crop-size "
-            f"{s['global_crop_size']} (a multiple of the patch size {patch_size})",
+            f"{s['global_crop_size']}",
         )
     if s["init"] is not None and resume is None:
         try:
