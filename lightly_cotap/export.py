@@ -279,7 +279,11 @@ def build_model_from_args(
         )
     except (FileNotFoundError, ValueError) as ex:
         raise checkpoint_error(
-            "--checkpoint", args.checkpoint, ex, "pass --unsafe-load"
+            "--checkpoint",
+            args.checkpoint,
+            ex,
+            unsafe_fix="pass --unsafe-load",
+            mismatch_fix="pass the --arch (timm name) it was trained with",
         ) from ex
 
 

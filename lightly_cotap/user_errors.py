@@ -58,13 +58,20 @@ class UsageError(ValueError):
 def one_line(text: str) -> str:
     """Joins the lines of a message with ``"; "`` (a user error is one line).
 
+    A line that ends with a colon introduces the next one and is joined with a space.
+
     Args:
         text: A message, possibly with line breaks (e.g. a list of keys).
 
     Returns:
         The message on one line.
     """
-    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+    joined = ""
+    for line in (line.strip() for line in text.splitlines()):
+        if line:
+            separator = "" if not joined else " " if joined.endswith(":") else "; "
+            joined += separator + line
+    return joined
 
 
 def first_lines(text: str, max_lines: int = 3) -> str:
@@ -85,7 +92,11 @@ def first_lines(text: str, max_lines: int = 3) -> str:
 
 
 def checkpoint_error(
-    option: str, path: str | os.PathLike[str], error: Exception, unsafe_fix: str
+    option: str,
+    path: str | os.PathLike[str],
+    error: Exception,
+    unsafe_fix: str,
+    mismatch_fix: str,
 ) -> UsageError:
     """The user error for a checkpoint argument that cannot be loaded or used.
 
@@ -93,15 +104,18 @@ def checkpoint_error(
         option: The argument that named the file (e.g. ``"--init"``).
         path: The file.
         error: What loading raised: ``FileNotFoundError``,
-            :class:`~lightly_cotap.models.utils.CheckpointFileError` or a
-            ``ValueError`` of the key mapping (wrong architecture, no backbone).
+            :class:`~lightly_cotap.models.utils.CheckpointFileError`,
+            :class:`~lightly_cotap.models.utils.CheckpointMismatchError` (weights of
+            another architecture) or another ``ValueError`` of the key mapping.
         unsafe_fix: How this command loads a trusted file that holds pickled objects
             (e.g. ``"pass --unsafe-load"``).
+        mismatch_fix: What to do when the weights do not fit the model (e.g.
+            ``"pass the --arch it was trained with"``).
 
     Returns:
         The error to raise.
     """
-    from lightly_cotap.models.utils import CheckpointFileError
+    from lightly_cotap.models.utils import CheckpointFileError, CheckpointMismatchError
 
     if isinstance(error, FileNotFoundError):
         return UsageError(option, path, "no such file")
@@ -114,7 +128,9 @@ def checkpoint_error(
     for shown in (f"'{os.fspath(path)}' is ", f"{os.fspath(path)}: "):
         if text.startswith(shown):  # the path is already part of the message
             text = text[len(shown) :]
-    return UsageError(option, path, first_lines(text))
+    if isinstance(error, CheckpointMismatchError):
+        return UsageError(option, path, f"{first_lines(text)}; {mismatch_fix}")
+    return UsageError(option, path, first_lines(text).rstrip("."))
 
 
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:

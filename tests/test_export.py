@@ -281,6 +281,8 @@ def test_cli_user_errors_are_one_line(
     assert lines[0].startswith("python -m lightly_cotap.export: error: ")
     assert message.format(path=path, out=out) in lines[0]
     assert "Traceback" not in err and "PytorchStreamReader" not in err
+    if case == "other_architecture":
+        assert lines[0].endswith("; pass the --arch (timm name) it was trained with")
     if case in ("text", "truncated", "empty"):
         assert "weights_only" not in err and "unsafe" not in err
     if case != "output_folder":

@@ -27,6 +27,7 @@ def test_message_names_argument_value_and_fix() -> None:
 
 def test_long_messages_become_one_line() -> None:
     assert one_line("a\n  b\n\nc") == "a; b; c"
+    assert one_line("keys:\n  x\n  y") == "keys: x; y"
     assert first_lines("a\nb\nc\nd\ne", 2) == "a; b; ... (3 more lines)"
 
 

@@ -385,6 +385,10 @@ class CheckpointFileError(ValueError):
         super().__init__(f"{path}: {problem}{advice}")
 
 
+class CheckpointMismatchError(ValueError):
+    """Checkpoint weights that do not fit the model (shapes or, strictly, keys)."""
+
+
 def _blocked_global(message: str) -> str:
     """The object named in torch's 'Weights only load failed' message."""
     match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
@@ -669,7 +673,8 @@ def load_backbone_state_dict(
         A :class:`CheckpointLoadReport`.
 
     Raises:
-        ValueError: On shape mismatches, or (strict) missing / unexpected keys.
+        CheckpointMismatchError: On shape mismatches, or (strict) missing /
+            unexpected keys.
     """
     source, ignored, used_prefix = extract_backbone_state_dict(
         checkpoint, prefix=prefix, checkpoint_key=checkpoint_key
@@ -717,7 +722,7 @@ def load_backbone_state_dict(
             continue
         mapped[target_name] = value
     if mismatches:
-        raise ValueError(
+        raise CheckpointMismatchError(
             "Checkpoint does not fit the model architecture (another ViT size, "
             "patch size or number of prototypes?):\n  " + "\n  ".join(mismatches)
         )
@@ -735,7 +740,7 @@ def load_backbone_state_dict(
             if checkpoint_has_filter or not k.startswith(FILTER_PREFIX)
         ]
         if fatal_missing or report.unexpected_keys:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 "Checkpoint keys do not match the model (strict=True):\n"
                 f"  missing in checkpoint: {_summarize_keys(fatal_missing)}\n"
                 "  unexpected in checkpoint: "

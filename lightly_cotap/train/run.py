@@ -608,7 +608,13 @@ def _resume_point(
     try:
         loaded = load_checkpoint_file(checkpoint)
     except (FileNotFoundError, ValueError) as ex:
-        raise checkpoint_error("--resume", checkpoint, ex, "") from ex
+        raise checkpoint_error(
+            "--resume",
+            checkpoint,
+            ex,
+            unsafe_fix="resume from a checkpoint of lightly-cotap train",
+            mismatch_fix="resume from a checkpoint of lightly-cotap train",
+        ) from ex
     hparams = loaded.get("hyper_parameters")
     if (
         "global_step" not in loaded
@@ -835,8 +841,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
                 "--init",
                 s["init"],
                 ex,
-                "convert it first with python -m lightly_cotap.export --checkpoint "
-                "FILE --output converted.pth --unsafe-load (and --arch if asked)",
+                unsafe_fix="convert it first with python -m lightly_cotap.export "
+                "--checkpoint FILE --output converted.pth --unsafe-load (and --arch "
+                "if asked)",
+                mismatch_fix="pass the --backbone (and --patch-size, --depth, "
+                "--embed-dim, --num-heads) it was trained with",
             ) from ex
 
     checkpoint_dir = output_dir / "checkpoints"

@@ -136,7 +136,12 @@ def _case(case: str, tmp_path: Path) -> list[str]:
         ("one_image", "holds 1 readable image(s); CoTAP pairs every image"),
         ("init_text", "not a PyTorch checkpoint"),
         ("init_truncated", "truncated or damaged"),
-        ("init_other_architecture", "Checkpoint does not fit the model architecture"),
+        (
+            "init_other_architecture",
+            "Checkpoint does not fit the model architecture (another ViT size, patch "
+            "size or number of prototypes?): cls_token: checkpoint shape (1, 1, 192) "
+            "vs model shape (1, 1, 96); ",
+        ),
         ("init_pickled_object", "python -m lightly_cotap.export --checkpoint FILE"),
         ("resume_backbone_export", "is not a lightly-cotap training checkpoint"),
         ("resume_nothing", "holds no checkpoints/last.ckpt to resume"),
@@ -155,6 +160,11 @@ def test_bad_input_fails_before_any_work(
     assert "Traceback" not in err
     if case == "negative_batch":
         assert "-12" not in err
+    if case == "init_other_architecture":
+        assert lines[0].endswith(
+            "pass the --backbone (and --patch-size, --depth, "
+            "--embed-dim, --num-heads) it was trained with"
+        )
     if case in ("init_text", "init_truncated"):
         assert "weights_only" not in err and "--unsafe-load" not in err
         assert "PytorchStreamReader" not in err
