@@ -19,7 +19,7 @@ from lightly_cotap.data.semantic_pairs import NeighborIndex
 from lightly_cotap.eval.visualize import save_image_grid
 from lightly_cotap.export import export_backbone, export_mmseg_backbone
 from lightly_cotap.models import CoTAPVisionTransformer
-from lightly_cotap.train.run import _atomic_checkpoint_io
+from lightly_cotap.train.run_folder import atomic_checkpoint_io
 
 EARLIER = b"the earlier, complete file"
 
@@ -56,7 +56,7 @@ def _tiny_vit() -> CoTAPVisionTransformer:
 
 
 def _lightning_checkpoint(path: Path) -> None:
-    _atomic_checkpoint_io().save_checkpoint({"state_dict": {}}, path)
+    atomic_checkpoint_io().save_checkpoint({"state_dict": {}}, path)
 
 
 WRITERS: dict[str, tuple[str, Callable[[Path], Any]]] = {

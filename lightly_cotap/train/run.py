@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightly_cotap.atomic_write import atomic_path, write_json
+from lightly_cotap.atomic_write import write_json
+from lightly_cotap.train.run_folder import (
+    RESUME_OWN_RUN,
+    atomic_checkpoint_io,
+    clear_run,
+    is_first_process,
+    resume_point,
+    say,
+)
 from lightly_cotap.user_errors import (
     UsageError,
     add_debug_argument,
@@ -154,12 +160,6 @@ ARCHITECTURE_KEYS = (
 #: Settings that are file paths (stored absolute, so a run resumes from anywhere).
 _PATH_KEYS = ("data", "init", "neighbors")
 
-#: ``--resume`` without a path: the output folder's own checkpoint.
-_RESUME_OWN_RUN = ""
-
-#: Files a run writes into its output folder (``--overwrite`` removes them).
-_RUN_FILES = ("settings.json", "backbone.pth", "dense_features.png")
-
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``lightly-cotap train`` to a parser.
@@ -191,7 +191,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p(
         "--resume",
         nargs="?",
-        const=_RESUME_OWN_RUN,
+        const=RESUME_OWN_RUN,
         default=None,
         metavar="CHECKPOINT",
         help="Continue a run with its settings.json: without a path the run in "
@@ -419,33 +419,6 @@ def _devices(devices: str) -> int | str:
     return int(devices) if devices.isdigit() else devices
 
 
-def _say(message: str) -> None:
-    """Prints a message of the run to stderr (once, in the first process)."""
-    if _is_first_process():
-        print(message, file=sys.stderr)
-
-
-#: Environment variables of a process's rank (torchrun, Lightning, SLURM, LSF).
-_RANK_VARIABLES = (
-    "RANK",
-    "LOCAL_RANK",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "SLURM_PROCID",
-    "JSM_NAMESPACE_RANK",
-)
-
-
-def _is_first_process() -> bool:
-    """Whether this is the first process of the run (the one that owns the folder).
-
-    Decided from the environment, as the other processes of a distributed run are
-    started with their rank set (by Lightning's launcher, torchrun or SLURM) while
-    the first process checks the folder and writes its settings.
-    """
-    return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
-
-
 def _build_dataset(
     data: str | None, *, strict: bool, progress: bool, num_threads: int
 ) -> tuple[Dataset[Any], list[Path]]:
@@ -471,7 +444,7 @@ def _build_dataset(
                 f"{len(dataset.skipped)} of {total} images cannot be read: "
                 f"{listing}; replace or remove them, or drop --strict to skip them",
             )
-        _say(
+        say(
             f"--data: skipping {len(dataset.skipped)} of {total} images that cannot "
             f"be read: {listing} (--strict refuses them)"
         )
@@ -502,13 +475,13 @@ def _fit_to_dataset(s: dict[str, Any], num_images: int, world_size: int) -> None
             "processes; CoTAP needs batches of at least 2 images",
         )
     if s["batch_size"] > per_process:
-        _say(
+        say(
             f"--batch-size: {s['batch_size']} is more than the {per_process} images "
             f"per process: training with batch size {per_process}"
         )
         s["batch_size"] = per_process
     if s["num_neighbors"] > num_images - 1:
-        _say(
+        say(
             f"--num-neighbors: {s['num_neighbors']} is more than the other "
             f"{num_images - 1} images: using {num_images - 1}"
         )
@@ -548,105 +521,6 @@ def _given_neighbor_index(path: Path, num_images: int) -> Any:
         raise UsageError("--neighbors", path, first_lines(str(ex))) from ex
 
 
-def _read_settings(path: Path, option: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as ex:
-        raise UsageError(
-            option, path, f"cannot be read as the run's settings ({ex})"
-        ) from ex
-    if not isinstance(saved, dict):
-        raise UsageError(option, path, "is not a settings dict of a run")
-    return saved
-
-
-def _holds_run(folder: Path) -> bool:
-    return any((folder / name).exists() for name in _RUN_FILES) or any(
-        (folder / "checkpoints").glob("*.ckpt")
-    )
-
-
-def _resume_point(
-    args: argparse.Namespace, output_dir: Path
-) -> tuple[Path | None, int, dict[str, Any] | None]:
-    """The checkpoint to resume, its step and its run's settings (None: new run).
-
-    Raises:
-        UsageError: If the folder holds a run that is neither resumed nor
-            overwritten, or the checkpoint is not a training checkpoint.
-    """
-    if args.resume is None:
-        if _holds_run(output_dir) and not args.overwrite and _is_first_process():
-            raise UsageError(
-                "--output-dir",
-                output_dir,
-                "holds a run (settings.json / checkpoints); continue it with "
-                "--resume, replace it with --overwrite, or choose another folder",
-            )
-        return None, 0, None
-    if args.overwrite:
-        raise UsageError(
-            "--overwrite",
-            True,
-            "cannot be combined with --resume (continue the run, or replace it)",
-        )
-    if args.resume == _RESUME_OWN_RUN:
-        checkpoint = output_dir / "checkpoints" / "last.ckpt"
-        if not checkpoint.is_file():
-            raise UsageError(
-                "--resume",
-                output_dir,
-                "--output-dir holds no checkpoints/last.ckpt to resume; start the "
-                "run without --resume, or pass the checkpoint's path",
-            )
-    else:
-        checkpoint = Path(args.resume)
-    from lightly_cotap.models.utils import load_checkpoint_file
-
-    try:
-        loaded = load_checkpoint_file(checkpoint)
-    except (FileNotFoundError, ValueError) as ex:
-        raise checkpoint_error(
-            "--resume",
-            checkpoint,
-            ex,
-            unsafe_fix="resume from a checkpoint of lightly-cotap train",
-            mismatch_fix="resume from a checkpoint of lightly-cotap train",
-        ) from ex
-    hparams = loaded.get("hyper_parameters")
-    if (
-        "global_step" not in loaded
-        or not isinstance(hparams, Mapping)
-        or "backbone" not in hparams
-    ):
-        raise UsageError(
-            "--resume",
-            checkpoint,
-            "is not a lightly-cotap training checkpoint (a backbone export?); "
-            "resume from OUTPUT/checkpoints/last.ckpt, or start a new run from its "
-            "weights with --init",
-        )
-    run_dir = checkpoint.resolve().parent.parent
-    if checkpoint.resolve().parent.name != "checkpoints":
-        run_dir = output_dir
-    elif run_dir != output_dir.resolve() and _holds_run(output_dir):
-        raise UsageError(
-            "--output-dir",
-            output_dir,
-            f"holds another run than the one of --resume ({run_dir}); resume into "
-            "that run's folder or into an empty --output-dir",
-        )
-    saved = _read_settings(run_dir / "settings.json", "--resume")
-    if saved is None:
-        _say(
-            f"--resume: no settings.json in {run_dir}: the run continues with the "
-            "flags given now (repeat the flags it was started with)"
-        )
-    return checkpoint, int(loaded["global_step"]), saved
-
-
 def _report_overrides(saved: Mapping[str, Any], s: Mapping[str, Any]) -> None:
     """Prints the settings that differ from the resumed run's; refuses new shapes."""
     for key, old in saved.items():
@@ -663,15 +537,7 @@ def _report_overrides(saved: Mapping[str, Any], s: Mapping[str, Any]) -> None:
                 "architecture and weights (start a new run from its weights with "
                 "--init)",
             )
-        _say(f"{_flag(key)}: {new} overrides the resumed run's {old}")
-
-
-def _clear_run(output_dir: Path) -> None:
-    """Removes the files of the run in ``output_dir`` (``--overwrite``)."""
-    for name in _RUN_FILES:
-        (output_dir / name).unlink(missing_ok=True)
-    for checkpoint in (output_dir / "checkpoints").glob("*.ckpt"):
-        checkpoint.unlink()
+        say(f"{_flag(key)}: {new} overrides the resumed run's {old}")
 
 
 def _visualization_images(size: int, count: int = 4) -> Tensor:
@@ -715,72 +581,10 @@ def _save_before_after(
     return save_image_grid(rows, path)
 
 
-def _atomic_checkpoint_io() -> Any:
-    """Lightning checkpoint I/O that writes every checkpoint atomically."""
-    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(
-            self,
-            checkpoint: dict[str, Any],
-            path: Any,
-            storage_options: Any | None = None,
-        ) -> None:
-            with atomic_path(path) as tmp:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
-
-    return AtomicCheckpointIO()
-
-
-def run_train(args: argparse.Namespace) -> dict[str, Path]:
-    """Runs CoTAP training as configured by the parsed arguments.
-
-    Args:
-        args: Parsed arguments of :func:`add_train_arguments`.
-
-    Returns:
-        Paths of the outputs: ``checkpoint``, ``backbone``, ``metrics`` and (unless
-        disabled) ``visualization``.
-
-    Raises:
-        UsageError: If a setting, the data, the output folder or a checkpoint cannot
-            be used (checked before training), or no training step ran.
-    """
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
-
-    from lightly_cotap.data.semantic_pairs import (
-        NeighborIndex,
-        SemanticPairDataset,
-        default_embedding_transform,
-    )
-    from lightly_cotap.export import export_backbone
+def _build_module(s: Mapping[str, Any]) -> Any:
+    """The CoTAPModule of the settings; checks the crop and pooling sizes."""
     from lightly_cotap.train.cotap_module import CoTAPModule
-    from lightly_cotap.transforms import CoTAPTransform
 
-    output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UsageError("--output-dir", output_dir, "exists and is not a folder")
-    resume, start_step, saved = _resume_point(args, output_dir)
-    s = resolve_settings(args, saved)
-    _check_settings(s)
-    if saved is not None:
-        _report_overrides(saved, s)
-    if resume is not None and start_step >= s["max_steps"]:
-        raise UsageError(
-            "--max-steps",
-            s["max_steps"],
-            f"the resumed run already trained {start_step} steps; pass a larger "
-            "--max-steps to train further",
-        )
-    if args.num_threads is not None:
-        torch.set_num_threads(args.num_threads)
-    elif s["preset"] == "demo" and args.accelerator in (None, "auto", "cpu"):
-        # The demo ViT is tiny: one intra-op thread is as fast, and several threads
-        # on a busy CPU oversubscribe it (measured 44 s vs. 8.5 min here).
-        torch.set_num_threads(1)
-    pl.seed_everything(s["seed"], workers=True)
     backbone_kwargs: dict[str, Any] = {"img_size": s["global_crop_size"]}
     for key in ("patch_size", "depth", "embed_dim", "num_heads"):
         if s[key] is not None:
@@ -833,22 +637,17 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
             f"must fit the {grid} x {grid} patch grid of --global-crop-size "
             f"{s['global_crop_size']}",
         )
-    if s["init"] is not None and resume is None:
-        try:
-            _say(module.load_backbone_weights(s["init"]))
-        except (FileNotFoundError, ValueError) as ex:
-            raise checkpoint_error(
-                "--init",
-                s["init"],
-                ex,
-                unsafe_fix="convert it first with python -m lightly_cotap.export "
-                "--checkpoint FILE --output converted.pth --unsafe-load (and --arch "
-                "if asked)",
-                mismatch_fix="pass the --backbone (and --patch-size, --depth, "
-                "--embed-dim, --num-heads) it was trained with",
-            ) from ex
+    return module
 
-    checkpoint_dir = output_dir / "checkpoints"
+
+def _build_trainer(
+    args: argparse.Namespace, s: Mapping[str, Any], output_dir: Path
+) -> tuple[Any, Any]:
+    """The Lightning Trainer (atomic checkpoints, always ``last.ckpt``) and logger."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
     logger = CSVLogger(save_dir=str(output_dir), name="logs")
     try:
         trainer = pl.Trainer(
@@ -864,7 +663,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
             log_every_n_steps=s["log_every_n_steps"],
             callbacks=[
                 ModelCheckpoint(
-                    dirpath=str(checkpoint_dir),
+                    dirpath=str(output_dir / "checkpoints"),
                     save_last=True,
                     every_n_train_steps=s["checkpoint_every_n_steps"],
                     save_top_k=0,
@@ -872,7 +671,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
                     enable_version_counter=False,
                 )
             ],
-            plugins=[_atomic_checkpoint_io()],
+            plugins=[atomic_checkpoint_io()],
             enable_progress_bar=not args.no_progress_bar,
             enable_model_summary=False,
         )
@@ -882,6 +681,72 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
             f"{args.accelerator} / {args.devices} / {args.strategy} / {args.precision}",
             first_lines(str(ex)),
         ) from ex
+    return trainer, logger
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Path]:
+    """Runs CoTAP training as configured by the parsed arguments.
+
+    Args:
+        args: Parsed arguments of :func:`add_train_arguments`.
+
+    Returns:
+        Paths of the outputs: ``checkpoint``, ``backbone``, ``metrics`` and (unless
+        disabled) ``visualization``.
+
+    Raises:
+        UsageError: If a setting, the data, the output folder or a checkpoint cannot
+            be used (checked before training), or no training step ran.
+    """
+    import pytorch_lightning as pl
+
+    from lightly_cotap.data.semantic_pairs import (
+        NeighborIndex,
+        SemanticPairDataset,
+        default_embedding_transform,
+    )
+    from lightly_cotap.export import export_backbone
+    from lightly_cotap.transforms import CoTAPTransform
+
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError("--output-dir", output_dir, "exists and is not a folder")
+    resume, start_step, saved = resume_point(args, output_dir)
+    s = resolve_settings(args, saved)
+    _check_settings(s)
+    if saved is not None:
+        _report_overrides(saved, s)
+    if resume is not None and start_step >= s["max_steps"]:
+        raise UsageError(
+            "--max-steps",
+            s["max_steps"],
+            f"the resumed run already trained {start_step} steps; pass a larger "
+            "--max-steps to train further",
+        )
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    elif s["preset"] == "demo" and args.accelerator in (None, "auto", "cpu"):
+        # The demo ViT is tiny: one intra-op thread is as fast, and several threads
+        # on a busy CPU oversubscribe it (measured 44 s vs. 8.5 min here).
+        torch.set_num_threads(1)
+    pl.seed_everything(s["seed"], workers=True)
+    module = _build_module(s)
+    if s["init"] is not None and resume is None:
+        try:
+            say(module.load_backbone_weights(s["init"]))
+        except (FileNotFoundError, ValueError) as ex:
+            raise checkpoint_error(
+                "--init",
+                s["init"],
+                ex,
+                unsafe_fix="convert it first with python -m lightly_cotap.export "
+                "--checkpoint FILE --output converted.pth --unsafe-load (and --arch "
+                "if asked)",
+                mismatch_fix="pass the --backbone (and --patch-size, --depth, "
+                "--embed-dim, --num-heads) it was trained with",
+            ) from ex
+
+    trainer, logger = _build_trainer(args, s, output_dir)
 
     dataset, files = _build_dataset(
         s["data"],
@@ -898,9 +763,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
     )
     if given_index is not None:
         s["num_neighbors"] = given_index.k
-    if _is_first_process():
+    if is_first_process():
         if args.overwrite:
-            _clear_run(output_dir)
+            clear_run(output_dir)
         write_json(output_dir / "settings.json", _jsonable_settings(s))
     if given_index is not None:
         index = given_index
@@ -908,7 +773,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
         cache_key = _neighbor_cache_key(files, s)
         stored = NeighborIndex.stored_cache_key(neighbors_path)
         if stored is not None and stored != cache_key:
-            _say(
+            say(
                 f"{neighbors_path} was built for other images, initial weights or "
                 "--num-neighbors: rebuilding it"
             )
@@ -955,7 +820,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
             f"no training step ran ({len(dataset)} images, "  # type: ignore[arg-type]
             f"{trainer.world_size} processes); nothing was exported",
         )
-    outputs = {"checkpoint": checkpoint_dir / "last.ckpt"}
+    outputs = {"checkpoint": output_dir / "checkpoints" / "last.ckpt"}
     trainer.save_checkpoint(outputs["checkpoint"])  # collective: all ranks
     if trainer.global_rank == 0:
         outputs["backbone"] = output_dir / "backbone.pth"
