@@ -1,7 +1,9 @@
 """The ``lightly-cotap`` command line.
 
 Subcommands register themselves in :data:`SUBCOMMANDS` as
-``name -> (help, add_arguments(parser), run(args))``; ``train`` is the main job::
+``name -> (help, add_arguments(parser), run(args))``; ``train`` is the main job.
+A user error (:class:`~lightly_cotap.user_errors.UsageError`) is printed as one line
+and exits with code 2; ``--debug`` shows its traceback::
 
     lightly-cotap train                       # demo on the embedded photos (CPU)
     lightly-cotap train --data DIR --init dino_deitsmall16_pretrain.pth
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from lightly_cotap.user_errors import add_debug_argument, run_command
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
@@ -73,9 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        add_arguments(
-            subparsers.add_parser(name, help=help_text, description=help_text)
-        )
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparser)
+        add_debug_argument(subparser)
     return parser
 
 
@@ -86,10 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments (defaults to ``sys.argv[1:]``).
 
     Returns:
-        Exit code.
+        Exit code (0; a user error raises ``SystemExit(2)`` after its message).
     """
     args = build_parser().parse_args(argv)
-    SUBCOMMANDS[args.command][2](args)
+    run_command(SUBCOMMANDS[args.command][2], args, f"lightly-cotap {args.command}")
     return 0
 
 

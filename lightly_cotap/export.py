@@ -17,7 +17,8 @@ Command line (``python -m lightly_cotap.export``)::
         --arch vit_small_patch16_224
 
 converts any supported checkpoint (lightly-cotap / Lightning / official CoTAP /
-DINO / iBOT / timm). ``--arch`` and the filter options are only needed when the input
+DINO / iBOT / timm); the output is written atomically and a bad argument is one line
+on stderr with exit code 2 (``--debug`` shows the traceback). ``--arch`` and the filter options are only needed when the input
 is not already a lightly-cotap export. ``--format mmseg`` writes the same weights
 with the keys of the mmseg backbone (``backbone.model.*``, see
 :mod:`lightly_cotap.mmseg`). More output formats can be registered in
@@ -35,8 +36,15 @@ from typing import Any
 
 import torch
 
-from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.atomic_write import save_torch
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer, vit_name_problem
 from lightly_cotap.models.utils import load_checkpoint_file
+from lightly_cotap.user_errors import (
+    UsageError,
+    add_debug_argument,
+    checkpoint_error,
+    run_command,
+)
 
 
 def export_state_dict(model: CoTAPVisionTransformer) -> dict[str, Any]:
@@ -68,13 +76,14 @@ def export_backbone(
 ) -> None:
     """Writes a plain timm-keyed checkpoint with the filter keys and the meta dict.
 
+    The file is written atomically (an earlier file is only replaced by a complete
+    new one).
+
     Args:
         model: The backbone to export (e.g. the student of a CoTAP run).
         path: Output file; parent directories are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(export_state_dict(model), path)
+    save_torch(export_state_dict(model), path)
 
 
 def load_backbone(
@@ -235,21 +244,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="torch.load(weights_only=False); only for trusted files.",
     )
-    args = parser.parse_args(argv)
-    model = build_model_from_checkpoint(
-        args.checkpoint,
-        arch=args.arch,
+    add_debug_argument(parser)
+    run_command(_run_export, parser.parse_args(argv), "python -m lightly_cotap.export")
+    return 0
+
+
+def build_model_from_args(
+    args: argparse.Namespace, **kwargs: Any
+) -> CoTAPVisionTransformer:
+    """:func:`build_model_from_checkpoint` for a command line, with user errors.
+
+    Args:
+        args: Parsed ``--checkpoint``, ``--arch``, ``--prefix``,
+            ``--checkpoint-key`` and ``--unsafe-load``.
+        **kwargs: Further arguments of :func:`build_model_from_checkpoint`.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        UsageError: If ``--arch`` is no timm ViT or the checkpoint cannot be loaded
+            or does not fit.
+    """
+    if args.arch is not None and (problem := vit_name_problem(args.arch)):
+        raise UsageError("--arch", args.arch, problem)
+    try:
+        return build_model_from_checkpoint(
+            args.checkpoint,
+            arch=args.arch,
+            prefix=args.prefix,
+            checkpoint_key=args.checkpoint_key,
+            weights_only=not args.unsafe_load,
+            **kwargs,
+        )
+    except (FileNotFoundError, ValueError) as ex:
+        raise checkpoint_error(
+            "--checkpoint",
+            args.checkpoint,
+            ex,
+            unsafe_fix="pass --unsafe-load",
+            mismatch_fix="pass the --arch (timm name) it was trained with",
+        ) from ex
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    for option in ("num_prototypes", "prototype_size", "img_size"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise UsageError(f"--{option.replace('_', '-')}", value, "must be >= 1")
+    if Path(args.output).is_dir():
+        raise UsageError("--output", args.output, "is a folder; name the output file")
+    model = build_model_from_args(
+        args,
         use_filter=args.use_filter,
         num_prototypes=args.num_prototypes,
         prototype_size=args.prototype_size,
-        prefix=args.prefix,
-        checkpoint_key=args.checkpoint_key,
         img_size=args.img_size,
-        weights_only=not args.unsafe_load,
     )
     EXPORT_FORMATS[args.format](model, Path(args.output))
     print(f"Wrote {args.format} checkpoint to {args.output}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -201,12 +201,18 @@ def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
         torch.testing.assert_close(model(x).dense, expected)
 
 
-def test_cli_needs_arch_without_meta(tmp_path: Path) -> None:
+def test_cli_needs_arch_without_meta(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=64, depth=2)
     path = tmp_path / "plain.pth"
     torch.save(model.state_dict(), path)
-    with pytest.raises(ValueError, match="--arch"):
+    with pytest.raises(SystemExit) as info:
         main(["--checkpoint", str(path), "--output", str(tmp_path / "x.pth")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: --checkpoint: '{path}': neither a lightly-cotap export" in err
+    assert "--arch" in err and "Traceback" not in err
 
 
 def test_errors(tmp_path: Path) -> None:
@@ -226,3 +232,65 @@ def test_errors(tmp_path: Path) -> None:
         ValueError, match=r"checkpoint shape \(1, 1, 192\) vs model shape \(1, 1, 96\)"
     ):
         other.load_pretrained(tmp_path / "tiny.pth")
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("text", "--checkpoint: '{path}': not a PyTorch checkpoint"),
+        ("truncated", "--checkpoint: '{path}': truncated or damaged"),
+        ("empty", "--checkpoint: '{path}': empty file (0 bytes)"),
+        ("missing", "--checkpoint: '{path}': no such file"),
+        ("pickled_object", "if you trust its source, pass --unsafe-load"),
+        ("resnet", "--arch: 'resnet50': is not a timm VisionTransformer"),
+        ("other_architecture", "Checkpoint does not fit the model architecture"),
+        ("output_folder", "--output: '{out}': is a folder"),
+    ],
+)
+def test_cli_user_errors_are_one_line(
+    case: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = CoTAPVisionTransformer("vit_tiny_patch16_224", img_size=32, depth=1)
+    path = tmp_path / "in.pth"
+    out = tmp_path / "out.pth"
+    export_backbone(model, path)
+    extra: list[str] = []
+    if case == "text":
+        path.write_text("not a checkpoint")
+    elif case == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "missing":
+        path = tmp_path / "missing.pth"
+    elif case == "pickled_object":
+        torch.save({"state_dict": {}, "obj": _Opaque()}, path)
+    elif case == "resnet":
+        extra = ["--arch", "resnet50"]
+    elif case == "other_architecture":
+        torch.save(model.vit.state_dict(), path)
+        extra = ["--arch", "vit_small_patch16_224"]
+    elif case == "output_folder":
+        out = tmp_path
+    with pytest.raises(SystemExit) as info:
+        main(["--checkpoint", str(path), "--output", str(out), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith("python -m lightly_cotap.export: error: ")
+    assert message.format(path=path, out=out) in lines[0]
+    assert "Traceback" not in err and "PytorchStreamReader" not in err
+    if case == "other_architecture":
+        assert lines[0].endswith("; pass the --arch (timm name) it was trained with")
+    if case in ("text", "truncated", "empty"):
+        assert "weights_only" not in err and "unsafe" not in err
+    if case != "output_folder":
+        assert not out.exists()
+    # --debug shows the traceback of the same error.
+    with pytest.raises(ValueError):
+        main(["--checkpoint", str(path), "--output", str(out), *extra, "--debug"])
+
+
+class _Opaque:
+    pass

@@ -30,7 +30,6 @@ fetch them at setup time, do not vendor them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +42,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from lightly_cotap.atomic_write import save_image, write_json
 from lightly_cotap.data.background_views import BackgroundView
-from lightly_cotap.data.segmentation_folder import IMAGE_EXTENSIONS, image_to_tensor
+from lightly_cotap.data.image_io import IMAGE_EXTENSIONS
+from lightly_cotap.data.segmentation_folder import image_to_tensor
 
 #: The 7 Tux Paint stamp classes and their stamp folders (label = position + 1).
 TUXPAINT_CLASSES: dict[str, tuple[str, ...]] = {
@@ -484,10 +485,10 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             image, mask = self.sample(i)
             stem = f"{i:0{digits}d}"
             if image_format == "jpg":
-                image.save(out_dir / "images" / f"{stem}.jpg", quality=95)
+                save_image(image, out_dir / "images" / f"{stem}.jpg", quality=95)
             else:
-                image.save(out_dir / "images" / f"{stem}.png")
-            Image.fromarray(mask).save(out_dir / "masks" / f"{stem}.png")
+                save_image(image, out_dir / "images" / f"{stem}.png")
+            save_image(Image.fromarray(mask), out_dir / "masks" / f"{stem}.png")
         meta = {
             "class_names": self.class_names,
             "split": self.split,
@@ -500,7 +501,7 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             },
             "num_backgrounds": len(self.backgrounds),
         }
-        (out_dir / "classes.json").write_text(json.dumps(meta, indent=2))
+        write_json(out_dir / "classes.json", meta)
         return out_dir
 
 
@@ -588,8 +589,7 @@ def tuxpaint_class_folders(
             if not is_photo_cutout(image, **filter_kwargs):
                 continue
             target = out_root / name / (rel[: -len(".png")].replace("/", "__") + ".png")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            image.save(target)
+            save_image(image, target)
         counts[name] += 1
     return counts
 
@@ -643,6 +643,6 @@ def debian_backgrounds(
                 Image.Resampling.BILINEAR,
             )
         target = out_dir / f"{prefix}_{name}.jpg"
-        image.save(target, quality=95)
+        save_image(image, target, quality=95)
         written.append(target)
     return written

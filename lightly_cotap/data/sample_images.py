@@ -15,6 +15,8 @@ from typing import Any, Callable
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lightly_cotap.data.image_io import read_rgb_image
+
 #: File extensions recognised as images in the sample folder.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
@@ -52,12 +54,6 @@ def sample_image_paths() -> list[Path]:
     return paths
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        rgb: Image.Image = image.convert("RGB")
-    return rgb
-
-
 def load_sample_images() -> list[Image.Image]:
     """Loads all embedded sample images as RGB PIL images.
 
@@ -65,7 +61,7 @@ def load_sample_images() -> list[Image.Image]:
         List of RGB ``PIL.Image.Image`` objects in the order of
         :func:`sample_image_paths`.
     """
-    return [_load_rgb(path) for path in sample_image_paths()]
+    return [read_rgb_image(path) for path in sample_image_paths()]
 
 
 class SampleImageDataset(Dataset[tuple[Any, int]]):
@@ -111,7 +107,7 @@ class SampleImageDataset(Dataset[tuple[Any, int]]):
             raise IndexError(
                 f"index {index} is out of range for {len(self)} sample images."
             )
-        image: Any = _load_rgb(self.paths[index])
+        image: Any = read_rgb_image(self.paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]

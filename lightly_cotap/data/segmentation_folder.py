@@ -3,12 +3,13 @@
 Images and masks are paired by file stem (``images/0001.jpg`` <-> ``masks/0001.png``).
 Masks are single-channel images whose pixel values are class ids (0 = background
 where the dataset has one, 255 = ignore); palette PNGs (as in VOC) are read as their
-palette indices.
+palette indices. Images are read with :func:`~lightly_cotap.data.image_io.read_rgb_image`
+(16-bit, palette, CMYK and alpha images are converted correctly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from lightly_cotap.data.image_io import IMAGE_EXTENSIONS, read_rgb_image, to_rgb
+
+#: Modes of masks read as class ids (others are converted to ``L``).
+MASK_MODES = ("L", "P", "I", "I;16")
 
 
 def imagenet_mean_std() -> tuple[list[float], list[float]]:
@@ -37,10 +41,11 @@ def image_to_tensor(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Tensor:
-    """Converts an RGB PIL image to a normalised float tensor.
+    """Converts a PIL image to a normalised float RGB tensor.
 
     Args:
-        image: RGB image.
+        image: Image of any mode (converted with
+            :func:`~lightly_cotap.data.image_io.to_rgb`).
         mean: Per-channel mean; ``None`` with ``std=None`` uses ImageNet's.
         std: Per-channel standard deviation.
 
@@ -49,7 +54,7 @@ def image_to_tensor(
     """
     if mean is None or std is None:
         mean, std = imagenet_mean_std()
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1)
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
@@ -71,6 +76,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         image_size: ``(H, W)`` every sample is resized to (image bilinear, mask
             nearest), or ``None`` to keep the file sizes (then batching needs equal
             sizes).
+        label_mapping: Function applied to every mask's label array, or ``None``.
 
     Examples:
         >>> dataset = SegmentationFolder("scenes/test/images", "scenes/test/masks")
@@ -85,15 +91,18 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         image_size: int | tuple[int, int] | None = 224,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        label_mapping: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> None:
         """Initializes the dataset and pairs the files.
 
         Args:
-            images: Folder of RGB images.
+            images: Folder of images (any mode, read as RGB).
             masks: Folder of label masks (same stems as the images).
             image_size: Output size (int for square), ``None`` keeps file sizes.
             mean: Normalisation mean; ``None`` uses ImageNet's.
             std: Normalisation standard deviation; ``None`` uses ImageNet's.
+            label_mapping: Optional function applied to every mask's label array
+                (e.g. mapping 0/255 binary masks to 0/1).
 
         Raises:
             ValueError: If a folder does not exist, holds no images, or an image has no
@@ -125,6 +134,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         self.image_size = _size(image_size)
         self.mean = mean
         self.std = std
+        self.label_mapping = label_mapping
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -137,21 +147,31 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
 
         Returns:
             ``(image, mask)``. Shapes: (3, H, W) float32 normalised, (H, W) int64.
+
+        Raises:
+            ValueError: If the mask's size differs from its image's (a mask of
+                another image or with height and width swapped is never resized
+                to fit).
+            UnreadableImageError: If the image cannot be decoded.
         """
         image_path, mask_path = self.samples[index]
-        image: Image.Image = Image.open(image_path).convert("RGB")
-        mask: Image.Image = Image.open(mask_path)
-        if mask.mode not in ("L", "P", "I", "I;16"):
+        image = read_rgb_image(image_path)
+        with Image.open(mask_path) as raw_mask:
+            mask: Image.Image = raw_mask.copy()
+        if mask.mode not in MASK_MODES:
             mask = mask.convert("L")
+        if mask.size != image.size:
+            raise ValueError(
+                f"mask {str(mask_path)!r} has size {mask.size}, its image "
+                f"{str(image_path)!r} has {image.size} (width, height)."
+            )
         if self.image_size is not None:
             size = (self.image_size[1], self.image_size[0])
             image = image.resize(size, Image.Resampling.BILINEAR)
             mask = mask.resize(size, Image.Resampling.NEAREST)
-        elif mask.size != image.size:
-            raise ValueError(
-                f"mask {str(mask_path)!r} has size {mask.size}, image has {image.size}."
-            )
         mask_arr = np.asarray(mask).astype(np.int64)
+        if self.label_mapping is not None:
+            mask_arr = self.label_mapping(mask_arr)
         return (
             image_to_tensor(image, mean=self.mean, std=self.std),
             torch.from_numpy(mask_arr),

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lightly_cotap.atomic_write import atomic_path
+
 PairMode = Literal["neighbors", "pairs", "labels", "self"]
 """How :class:`SemanticPairDataset` picks the positive of an image."""
 
@@ -465,19 +467,22 @@ class NeighborIndex:
             embeddings.to(device), k, chunk_size=chunk_size, progress=progress
         )
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(
+        self, path: str | os.PathLike[str], *, cache_key: str | None = None
+    ) -> Path:
         """Saves the index as ``.npz`` (neighbours, similarities, k, dataset length).
+
+        The file is written atomically (several processes may write it at once).
 
         Args:
             path: Output file; ``.npz`` is appended if missing.
+            cache_key: Optional identity of what the index was built from (see
+                :meth:`load_or_build`), stored in the file.
 
         Returns:
             The path written.
         """
-        out = Path(path)
-        if out.suffix != ".npz":
-            out = out.with_name(out.name + ".npz")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        out = _npz_path(path)
         arrays: dict[str, np.ndarray] = {
             "neighbors": self.neighbors,
             "k": np.asarray(self.k),
@@ -486,8 +491,30 @@ class NeighborIndex:
         }
         if self.similarities is not None:
             arrays["similarities"] = self.similarities
-        np.savez(out, **arrays)  # type: ignore[arg-type]
+        if cache_key is not None:
+            arrays["cache_key"] = np.asarray(cache_key)
+        with atomic_path(out) as tmp:
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
         return out
+
+    @staticmethod
+    def stored_cache_key(path: str | os.PathLike[str]) -> str | None:
+        """The ``cache_key`` stored by :meth:`save`, or None (none stored / no file).
+
+        Args:
+            path: The ``.npz`` file.
+
+        Returns:
+            The stored key.
+        """
+        file = _npz_path(path)
+        if not file.is_file():
+            return None
+        try:
+            with np.load(file) as data:
+                return str(data["cache_key"]) if "cache_key" in data else None
+        except (OSError, ValueError):  # unreadable: treated as no cache
+            return None
 
     @classmethod
     def load(
@@ -554,28 +581,34 @@ class NeighborIndex:
         backbone: Callable[[Tensor], Any] | None = None,
         *,
         k: int = 7,
+        cache_key: str | None = None,
         **build_kwargs: Any,
     ) -> NeighborIndex:
         """Loads the index from ``path`` if it exists, else builds and saves it.
 
-        A cached file is checked against ``len(dataset)`` and ``k`` (ValueError on
-        mismatch, so a stale cache is never silently reused).
+        With a ``cache_key`` (an identity of everything the index depends on: the
+        image files and their contents, the embedding weights, ``k``), a file is
+        reused only if it stores the same key; otherwise it is rebuilt and replaced.
+        Without one, a cached file is checked against ``len(dataset)`` and ``k``
+        (ValueError on mismatch, so a stale cache is never silently reused).
 
         Args:
             path: Cache file (``.npz``).
             dataset: The dataset (see :meth:`build`).
             backbone: The backbone (see :meth:`build`).
             k: Number of neighbours per image.
+            cache_key: Identity of the inputs, stored with the index.
             **build_kwargs: Further arguments of :meth:`build`.
 
         Returns:
             The index.
         """
-        file = Path(path)
-        if file.suffix != ".npz":
-            file = file.with_name(file.name + ".npz")
+        file = _npz_path(path)
         num_samples = len(dataset)  # type: ignore[arg-type]
-        if file.exists():
+        if file.exists() and cache_key is not None:
+            if cls.stored_cache_key(file) == cache_key:
+                return cls.load(file, expected_length=num_samples)
+        elif file.exists():
             index = cls.load(file, expected_length=num_samples)
             if index.k != k:
                 raise ValueError(
@@ -584,8 +617,13 @@ class NeighborIndex:
                 )
             return index
         index = cls.build(dataset, backbone, k=k, **build_kwargs)
-        index.save(file)
+        index.save(file, cache_key=cache_key)
         return index
+
+
+def _npz_path(path: str | os.PathLike[str]) -> Path:
+    file = Path(path)
+    return file if file.suffix == ".npz" else file.with_name(file.name + ".npz")
 
 
 def _to_numpy(array: np.ndarray | Tensor | Sequence[Any]) -> np.ndarray:

@@ -16,17 +16,16 @@ probe, k-means, overclustering, retrieval), prints a table and writes
 Without ``--val-images`` / ``--val-masks`` a seeded ``--val-fraction`` of the
 ``--images`` folder is held out for validation. Every input (folders, stems, mask
 values, checkpoint) is checked before the backbone runs, so a bad argument fails in
-seconds with a message naming it; the report is written atomically (an earlier
-``report.json`` is only replaced by a complete new one).
+seconds with a one-line message naming it (exit code 2, see
+:mod:`lightly_cotap.user_errors`). The number of classes is never guessed from stray
+mask values (see :mod:`lightly_cotap.eval.mask_labels`). The report is written
+atomically (an earlier ``report.json`` is only replaced by a complete new one).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,20 +33,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
+
+from lightly_cotap.atomic_write import write_json
+from lightly_cotap.user_errors import UsageError, add_debug_argument, run_command
 
 #: Evaluations that ``--skip`` accepts (keys of the report).
 EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
 
-
-class EvalCommandError(ValueError):
-    """A user error of the ``eval`` command (bad folder, checkpoint or option).
-
-    The command line prints its message and exits with code 2 (no traceback); any
-    other exception propagates unchanged.
-    """
+#: User errors of the ``eval`` command (the package's one user-error type).
+EvalCommandError = UsageError
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -96,9 +92,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--num-classes",
         type=int,
         default=None,
-        help="Number of classes incl. background (default: 1 + largest mask value).",
+        help="Number of classes incl. background (default: from a classes.json next "
+        "to the mask folder, else 1 + largest mask value if the labels are 0..N).",
     )
-    data.add_argument("--ignore-index", type=int, default=255)
+    data.add_argument(
+        "--ignore-index",
+        type=int,
+        default=None,
+        help="Mask value of ignored pixels (default 255; masks of only 0 and 255 are "
+        "then read as binary foreground masks).",
+    )
+    data.add_argument(
+        "--ignore-unknown-labels",
+        action="store_true",
+        help="Ignore mask labels outside the declared classes (counted) instead of "
+        "refusing them.",
+    )
     data.add_argument("--image-size", type=int, default=224)
     data.add_argument(
         "--label-size",
@@ -141,7 +150,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def _check_folder(path: str, option: str) -> Path:
     folder = Path(path)
     if not folder.is_dir():
-        raise EvalCommandError(f"{option} {path!r} is not a folder.")
+        raise UsageError(option, path, "is not a folder")
     return folder
 
 
@@ -155,32 +164,9 @@ def _segmentation_folder(
     try:
         return SegmentationFolder(images, masks, image_size=image_size)
     except ValueError as ex:
-        raise EvalCommandError(f"{image_option} / {mask_option}: {ex}") from ex
-
-
-def _mask_values(paths: Sequence[Path], option: str) -> set[int]:
-    values: set[int] = set()
-    for path in paths:
-        with Image.open(path) as mask:
-            if mask.mode not in ("L", "P", "I", "I;16"):
-                raise EvalCommandError(
-                    f"{option}: mask {str(path)!r} is a {mask.mode} image; masks must "
-                    "be single-channel images of class ids (or palette PNGs)."
-                )
-            values.update(int(v) for v in np.unique(np.asarray(mask)))
-    return values
-
-
-def _class_names(masks: str, num_classes: int) -> list[str] | None:
-    """Names from a ``classes.json`` next to the mask folder (CopyPasteScenes.save)."""
-    meta_path = Path(masks).parent / "classes.json"
-    try:
-        names = json.loads(meta_path.read_text())["class_names"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if isinstance(names, list) and len(names) == num_classes:
-        return [str(n) for n in names]
-    return None
+        raise UsageError(
+            f"{image_option} / {mask_option}", f"{images} / {masks}", str(ex)
+        ) from ex
 
 
 def _split(
@@ -189,9 +175,11 @@ def _split(
     n = len(dataset)  # type: ignore[arg-type]
     num_val = int(round(fraction * n))
     if num_val < 1 or num_val > n - 1:
-        raise EvalCommandError(
-            f"--val-fraction {fraction} of {n} images leaves no training or no "
-            "validation image; pass more images or --val-images / --val-masks."
+        raise UsageError(
+            "--val-fraction",
+            fraction,
+            f"leaves no training or no validation image of {n}; pass more images "
+            "or --val-images / --val-masks",
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(dataset, sorted(order[num_val:])), Subset(
@@ -200,39 +188,14 @@ def _split(
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from lightly_cotap.export import build_model_from_checkpoint
+    from lightly_cotap.export import build_model_from_args
 
-    path = Path(args.checkpoint)
-    if not path.is_file():
-        raise EvalCommandError(f"--checkpoint {args.checkpoint!r} is not a file.")
-    try:
-        model = build_model_from_checkpoint(
-            path,
-            arch=args.arch,
-            prefix=args.prefix,
-            checkpoint_key=args.checkpoint_key,
-            img_size=args.image_size,
-            weights_only=not args.unsafe_load,
-        )
-    except ValueError as ex:
-        hint = (
-            "\n(a trusted checkpoint with pickled objects loads with --unsafe-load)"
-            if "weights_only" in str(ex) and not args.unsafe_load
-            else ""
-        )
-        raise EvalCommandError(
-            f"cannot load --checkpoint {args.checkpoint!r}: {ex}{hint}"
-        ) from ex
-    except (KeyError, RuntimeError, EOFError, pickle.UnpicklingError) as ex:
-        # What torch.load raises for files that are no torch checkpoint at all.
-        raise EvalCommandError(
-            f"--checkpoint {args.checkpoint!r} is not a readable PyTorch checkpoint "
-            f"({type(ex).__name__}: {ex})."
-        ) from ex
+    model = build_model_from_args(args, img_size=args.image_size)
     if args.image_size % model.patch_size != 0:
-        raise EvalCommandError(
-            f"--image-size {args.image_size} is not divisible by the patch size "
-            f"{model.patch_size} of the checkpoint."
+        raise UsageError(
+            "--image-size",
+            args.image_size,
+            f"must be a multiple of the checkpoint's patch size {model.patch_size}",
         )
     return model.to(args.device).eval()
 
@@ -302,33 +265,43 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         evaluation, ``settings`` and ``checkpoint``).
 
     Raises:
-        EvalCommandError: If a folder, the checkpoint or an option is invalid
+        UsageError: If a folder, a mask, the checkpoint or an option is invalid
             (checked before any feature is computed).
     """
     from lightly_cotap.eval.dense import evaluate_dense
+    from lightly_cotap.eval.mask_labels import (
+        class_names_file,
+        decide_classes,
+        scan_masks,
+    )
 
-    if args.image_size <= 0 or args.label_size < 0 or args.batch_size <= 0:
-        raise EvalCommandError(
-            "--image-size and --batch-size must be positive and --label-size >= 0, "
-            f"got {args.image_size}, {args.batch_size} and {args.label_size}."
-        )
+    for option, value, minimum in (
+        ("--image-size", args.image_size, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--label-size", args.label_size, 0),
+    ):
+        if value < minimum:
+            raise UsageError(option, value, f"must be >= {minimum}")
     if (args.val_images is None) != (args.val_masks is None):
-        raise EvalCommandError("pass both --val-images and --val-masks, or neither.")
+        raise UsageError("pass both --val-images and --val-masks, or neither")
     if args.val_images is not None and args.val_fraction is not None:
-        raise EvalCommandError(
-            "--val-fraction cannot be combined with --val-images / --val-masks."
+        raise UsageError(
+            "--val-fraction",
+            args.val_fraction,
+            "cannot be combined with --val-images / --val-masks",
         )
     fraction = 0.3 if args.val_fraction is None else args.val_fraction
     if args.val_images is None and not 0 < fraction < 1:
-        raise EvalCommandError(f"--val-fraction must lie in (0, 1), got {fraction}.")
+        raise UsageError("--val-fraction", fraction, "must lie in (0, 1)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise EvalCommandError(f"--out {args.out!r} exists and is not a folder.")
+        raise UsageError("--out", args.out, "exists and is not a folder")
 
     train_folder = _segmentation_folder(
         args.images, args.masks, args.image_size, "--images", "--masks"
     )
-    labels = _mask_values([m for _, m in train_folder.samples], "--masks")
+    folders = [train_folder]
+    scan = scan_masks(train_folder.samples, "--images", "--masks")
     if args.val_images is not None:
         val_folder = _segmentation_folder(
             args.val_images,
@@ -337,25 +310,31 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
             "--val-images",
             "--val-masks",
         )
-        labels |= _mask_values([m for _, m in val_folder.samples], "--val-masks")
+        folders.append(val_folder)
+        scan = scan_masks(val_folder.samples, "--val-images", "--val-masks", scan)
         train_set: Any = train_folder
         val_set: Any = val_folder
     else:
         train_set, val_set = _split(train_folder, fraction, args.seed)
-    labels -= {args.ignore_index}
-    if not labels:
-        raise EvalCommandError("every mask pixel equals --ignore-index.")
-    num_classes = args.num_classes
-    if num_classes is None:
-        num_classes = max(max(labels) + 1, 2)
-    elif max(labels) >= num_classes or min(labels) < 0:
-        raise EvalCommandError(
-            f"the masks hold labels {sorted(labels)} but --num-classes is "
-            f"{num_classes} (labels must lie in [0, {num_classes}) or equal "
-            f"--ignore-index {args.ignore_index})."
-        )
-    if num_classes < 2:
-        raise EvalCommandError(f"--num-classes must be at least 2, got {num_classes}.")
+    names = class_names_file(args.masks)
+    declared, declared_by = args.num_classes, "--num-classes"
+    if declared is None and names:
+        declared = len(names)
+        declared_by = str(Path(args.masks).parent / "classes.json")
+    ignore_index = 255 if args.ignore_index is None else args.ignore_index
+    decision = decide_classes(
+        scan,
+        num_classes=declared,
+        declared_by=declared_by,
+        ignore_index=ignore_index,
+        ignore_index_given=args.ignore_index is not None,
+        ignore_unknown=args.ignore_unknown_labels,
+    )
+    num_classes = decision.num_classes
+    for folder in folders:
+        folder.label_mapping = decision.mapping
+    for message in decision.messages:
+        print(message, file=sys.stderr)
 
     model = _load_model(args)
     over_k = args.overclustering_k
@@ -374,7 +353,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         device=args.device,
         module=model,
-        ignore_index=args.ignore_index,
+        ignore_index=ignore_index,
         absent_classes=args.absent_classes,
         seed=args.seed,
         linear_probe={
@@ -395,7 +374,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         progress=progress,
     )
     report["settings"].update(
-        class_names=_class_names(args.masks, num_classes),
+        class_names=names if names and len(names) == num_classes else None,
+        label_notes=decision.messages,
         image_size=args.image_size,
         val_source=(
             "folders" if args.val_images is not None else f"fraction {fraction}"
@@ -409,10 +389,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "patch_size": model.patch_size,
     }
     report = dict(_jsonable(report))
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
-    tmp.replace(out / "report.json")
+    write_json(out / "report.json", report)
     print(format_report(report))
     print(f"Wrote {out / 'report.json'}", file=sys.stderr)
     return report
@@ -429,13 +406,10 @@ def run_eval_command(args: argparse.Namespace) -> dict[str, Any]:
 
     Raises:
         SystemExit: With code 2 and ``lightly-cotap eval: error: ...`` on stderr for
-            an :class:`EvalCommandError`.
+            a :class:`~lightly_cotap.user_errors.UsageError`.
     """
-    try:
-        return run_eval(args)
-    except EvalCommandError as ex:
-        sys.stderr.write(f"lightly-cotap eval: error: {ex}\n")
-        raise SystemExit(2) from ex
+    report: dict[str, Any] = run_command(run_eval, args, "lightly-cotap eval")
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prog="lightly-cotap eval", description="Dense evaluation of a checkpoint."
         )
     )
+    add_debug_argument(parser)
     run_eval_command(parser.parse_args(argv))
     return 0
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from lightly_cotap.atomic_write import save_image
+
 # Viridis anchor colours (matplotlib's colormap sampled at 0, 1/8, ..., 1).
 _VIRIDIS = torch.tensor(
     [
@@ -191,7 +193,7 @@ def save_image_grid(
     Args:
         rows: Grid cells, row by row. A cell is a (3, H, W) tensor (uint8, or float in
             [0, 1]), an (H, W, 3) / (H, W) uint8 array or a PIL image.
-        path: Output file (parent folders are created).
+        path: Output file (parent folders are created; written atomically).
         cell_size: ``(H, W)`` of every cell; cells are resized with nearest-neighbour
             interpolation (patch grids stay sharp). ``None``: size of the first cell.
         padding: Pixels between cells.
@@ -226,10 +228,7 @@ def save_image_grid(
             grid.paste(
                 cell, (padding + col * (cw + padding), padding + r * (ch + padding))
             )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
+    return save_image(grid, path)
 
 
 def save_dense_visualizations(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-import torch
-
+from lightly_cotap.atomic_write import save_torch
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
 
 #: Where a :class:`~lightly_cotap.mmseg.backbone.CoTAPViT` keeps the plugin model
@@ -71,12 +69,10 @@ def mmseg_state_dict(model: CoTAPVisionTransformer) -> dict[str, Any]:
 def export_mmseg_checkpoint(
     model: CoTAPVisionTransformer, path: str | os.PathLike[str]
 ) -> None:
-    """Writes :func:`mmseg_state_dict` to ``path`` (parent folders are created).
+    """Writes :func:`mmseg_state_dict` to ``path`` atomically (folders are created).
 
     Args:
         model: The backbone to export.
         path: Output file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(mmseg_state_dict(model), path)
+    save_torch(mmseg_state_dict(model), path)

@@ -142,10 +142,12 @@ def convert_label_map(fine: NDArray[np.integer]) -> NDArray[np.uint8]:
 def _convert_file(src: str) -> str:
     from PIL import Image
 
+    from lightly_cotap.atomic_write import save_image
+
     dst = src[: -len(".png")] + LABEL_SUFFIX
     with Image.open(src) as image:
         fine = np.asarray(image)
-    Image.fromarray(convert_label_map(fine)).save(dst)
+    save_image(Image.fromarray(convert_label_map(fine)), dst)
     return dst
 
 

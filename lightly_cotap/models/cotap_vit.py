@@ -49,6 +49,35 @@ class CoTAPViTOutput:
     bank_features: Tensor | None = None
 
 
+#: timm modules whose models are ``VisionTransformer`` instances.
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit")
+
+
+def vit_name_problem(name: str) -> str | None:
+    """Says why a timm model name cannot be a CoTAP backbone.
+
+    Args:
+        name: A timm model name (a ``.tag`` suffix is allowed).
+
+    Returns:
+        ``None`` if ``name`` is a timm ``VisionTransformer``, else the problem
+        (e.g. ``"is not a timm VisionTransformer; ..."`` for ``resnet50``).
+    """
+    from timm.models import is_model, is_model_in_modules
+
+    if not is_model(name):
+        return (
+            "is not a timm model name (e.g. vit_small_patch16_224; "
+            "timm.list_models('vit_*') lists them)"
+        )
+    if not is_model_in_modules(name, VIT_MODULES):
+        return (
+            "is not a timm VisionTransformer; CoTAP needs a ViT such as "
+            "vit_small_patch16_224"
+        )
+    return None
+
+
 class CoTAPVisionTransformer(nn.Module):
     """Vision transformer of CoTAP [0] over any timm ``VisionTransformer``.
 
@@ -123,6 +152,9 @@ class CoTAPVisionTransformer(nn.Module):
         from timm.models.vision_transformer import VisionTransformer
 
         if isinstance(vit, str):
+            problem = vit_name_problem(vit)
+            if problem is not None:
+                raise ValueError(f"vit {vit!r} {problem}.")
             for key in ("pretrained", "num_classes", "dynamic_img_size"):
                 if key in timm_kwargs:
                     raise ValueError(f"timm_kwargs must not set {key!r}.")

@@ -5,30 +5,56 @@ ViT, small crops, a few dozen steps). With ``--data DIR`` the paper's recipe run
 (ViT-S/16, 224 / 96 px crops, learning rates 3e-5 / 3e-4, ...), typically from an
 image-level SSL checkpoint given with ``--init``. Every setting can be overridden.
 
-Outputs in ``--output-dir``:
+Outputs in ``--output-dir`` (every file is written atomically):
 
+- ``settings.json`` (every setting of the run, written before training),
 - ``checkpoints/last.ckpt`` (Lightning checkpoint; continue with ``--resume``),
 - ``backbone.pth`` (the student backbone, :func:`lightly_cotap.export.export_backbone`
   format, loadable with :func:`lightly_cotap.export.load_backbone`),
 - ``dense_features.png`` (sample images with the PCA-to-RGB map of their dense
   features before and after training),
 - ``logs/.../metrics.csv`` (every loss term per step),
-- ``neighbors.npz`` (the neighbour index, unless ``--neighbors`` names a file).
+- ``neighbors.npz`` (the neighbour index, unless ``--neighbors`` names a file; it is
+  reused only for the same image files, initial weights and number of neighbours).
+
+A folder that holds a run is never overwritten silently: ``--resume`` continues it
+with its own settings (flags given again override them, with a message) and
+``--overwrite`` replaces it. Everything a run needs is checked before any work; a
+user error is one line (exit code 2, ``--debug`` shows the traceback). Images that
+do not decode are skipped with a count (``--strict`` refuses them), a data set
+smaller than a batch trains with a smaller batch, and a run that trains no step
+fails instead of exporting its initial weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from lightly_cotap.atomic_write import write_json
+from lightly_cotap.train.run_folder import (
+    RESUME_OWN_RUN,
+    atomic_checkpoint_io,
+    clear_run,
+    is_first_process,
+    resume_point,
+    say,
+)
+from lightly_cotap.user_errors import (
+    UsageError,
+    add_debug_argument,
+    checkpoint_error,
+    first_lines,
+    run_command,
+)
 
 #: Preset of the no-argument demo: tiny ViT, small crops, CPU-friendly.
 DEMO_PRESET: dict[str, Any] = dict(
@@ -104,6 +130,36 @@ PAPER_PRESET: dict[str, Any] = dict(
     visualize_size=448,
 )
 
+#: Settings of a run besides the preset's, with their defaults.
+RUN_DEFAULTS: dict[str, Any] = dict(
+    data=None,
+    init=None,
+    neighbors=None,
+    no_filter=False,
+    p_self=0.0,
+    seed=0,
+    gather_distributed=False,
+)
+
+#: Settings that fix the shapes of the trained weights: a resumed run keeps them.
+ARCHITECTURE_KEYS = (
+    "backbone",
+    "patch_size",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "no_filter",
+    "global_crop_size",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "patch_prototypes",
+    "cls_prototypes",
+    "num_prototypes",
+)
+
+#: Settings that are file paths (stored absolute, so a run resumes from anywhere).
+_PATH_KEYS = ("data", "init", "neighbors")
+
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the arguments of ``lightly-cotap train`` to a parser.
@@ -134,8 +190,25 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p(
         "--resume",
+        nargs="?",
+        const=RESUME_OWN_RUN,
         default=None,
-        help="Lightning checkpoint to resume from (e.g. OUTPUT/checkpoints/last.ckpt).",
+        metavar="CHECKPOINT",
+        help="Continue a run with its settings.json: without a path the run in "
+        "--output-dir (its checkpoints/last.ckpt), else this Lightning checkpoint. "
+        "Flags given again override the run's settings.",
+    )
+    p(
+        "--overwrite",
+        action="store_true",
+        help="Replace the run in --output-dir (by default a folder that holds a run "
+        "is refused).",
+    )
+    p(
+        "--strict",
+        action="store_true",
+        help="Refuse --data with unreadable images (by default they are skipped "
+        "with a count and their names).",
     )
     p(
         "--backbone",
@@ -146,7 +219,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p("--depth", type=int, default=None, help="Override the ViT depth.")
     p("--embed-dim", type=int, default=None, help="Override the ViT width.")
     p("--num-heads", type=int, default=None, help="Override the ViT heads.")
-    p("--no-filter", action="store_true", help="Train without the object-aware filter.")
+    p(
+        "--no-filter",
+        action="store_true",
+        default=None,
+        help="Train without the object-aware filter.",
+    )
     p("--global-crop-size", type=int, default=None)
     p("--local-crop-size", type=int, default=None)
     p("--n-local-views", type=int, default=None)
@@ -164,8 +242,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p(
         "--p-self",
         type=float,
-        default=0.0,
-        help="Probability of pairing an image with itself.",
+        default=None,
+        help="Probability of pairing an image with itself (default 0).",
     )
     p("--batch-size", type=int, default=None, help="Pairs per process.")
     p("--num-workers", type=int, default=None)
@@ -215,9 +293,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p(
         "--gather-distributed",
         action="store_true",
+        default=None,
         help="Distributed CoTAP list, Sinkhorn and prototype bank.",
     )
-    p("--seed", type=int, default=0)
+    p("--seed", type=int, default=None, help="Random seed (default 0).")
     p(
         "--num-threads",
         type=int,
@@ -231,26 +310,96 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p("--no-progress-bar", action="store_true")
 
 
-def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Merges the preset with the given arguments.
+def resolve_settings(
+    args: argparse.Namespace, saved: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merges the preset, a resumed run's settings and the given arguments.
 
     Args:
         args: Parsed arguments of :func:`add_train_arguments`.
+        saved: Settings of the run being resumed (its ``settings.json``), or None.
 
     Returns:
-        The settings (preset values where an argument is None).
+        The settings: the given arguments, else the saved settings, else the preset
+        (``--preset auto``: demo without ``--data``, paper recipe with it) and
+        :data:`RUN_DEFAULTS`. Paths are absolute.
     """
     preset_name = args.preset
-    if preset_name == "auto":
+    if preset_name == "auto" and saved is not None and "preset" in saved:
+        preset_name = saved["preset"]
+    elif preset_name == "auto":
         preset_name = "demo" if args.data is None else "paper"
     preset = DEMO_PRESET if preset_name == "demo" else PAPER_PRESET
-    settings = dict(preset)
-    for key in preset:
+    settings = {**preset, **RUN_DEFAULTS}
+    if saved is not None:
+        settings.update({k: v for k, v in saved.items() if k in settings})
+    for key in settings:
         value = getattr(args, key, None)
         if value is not None:
-            settings[key] = tuple(value) if key == "pool_sizes" else value
+            settings[key] = value
+    settings["pool_sizes"] = tuple(settings["pool_sizes"])
+    for key in _PATH_KEYS:
+        if settings[key] is not None:
+            settings[key] = str(Path(settings[key]).resolve())
     settings["preset"] = preset_name
     return settings
+
+
+def _check_settings(s: Mapping[str, Any]) -> None:
+    """Refuses values the recipe cannot run with (before any work)."""
+    at_least = {
+        "batch_size": 1,
+        "max_steps": 1,
+        "num_neighbors": 1,
+        "global_crop_size": 1,
+        "local_crop_size": 1,
+        "n_local_views": 0,
+        "head_hidden_dim": 1,
+        "head_bottleneck_dim": 1,
+        "patch_prototypes": 1,
+        "cls_prototypes": 1,
+        "num_prototypes": 1,
+        "prototype_bank_size": 1,
+        "prototype_bank_update": 1,
+        "kmeans_iters": 1,
+        "roi_output_size": 1,
+        "patch_queue_size": 0,
+        "patch_queue_update_size": 1,
+        "cls_queue_size": 0,
+        "cls_queue_update_size": 1,
+        "log_every_n_steps": 1,
+        "checkpoint_every_n_steps": 1,
+        "num_workers": 0,
+        "visualize_size": 1,
+        "patch_size": 1,
+        "depth": 1,
+        "embed_dim": 1,
+        "num_heads": 1,
+    }
+    for key, minimum in at_least.items():
+        if s[key] is not None and s[key] < minimum:
+            raise UsageError(_flag(key), s[key], f"must be an integer >= {minimum}")
+    if any(size < 1 for size in s["pool_sizes"]):
+        raise UsageError(
+            "--pool-sizes", list(s["pool_sizes"]), "must be positive integers"
+        )
+    for key in ("backbone_lr", "head_lr"):
+        if not s[key] > 0:
+            raise UsageError(_flag(key), s[key], "must be a positive learning rate")
+    for key in ("momentum_start", "momentum_end", "p_self"):
+        if not 0 <= s[key] <= 1:
+            raise UsageError(_flag(key), s[key], "must lie in [0, 1]")
+    if s["data"] is not None and not Path(s["data"]).is_dir():
+        raise UsageError("--data", s["data"], "is not a folder of images")
+    from lightly_cotap.models.cotap_vit import vit_name_problem
+
+    problem = vit_name_problem(s["backbone"])
+    if problem is not None:
+        raise UsageError("--backbone", s["backbone"], problem)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _precision(precision: str, accelerator: str) -> str:
@@ -270,17 +419,125 @@ def _devices(devices: str) -> int | str:
     return int(devices) if devices.isdigit() else devices
 
 
-def _build_dataset(data: str | None) -> Dataset[Any]:
+def _build_dataset(
+    data: str | None, *, strict: bool, progress: bool, num_threads: int
+) -> tuple[Dataset[Any], list[Path]]:
+    """The training images and their files (checked; unreadable ones skipped)."""
     if data is None:
         from lightly_cotap.data import SampleImageDataset
+        from lightly_cotap.data.sample_images import sample_image_paths
 
-        return SampleImageDataset()
-    from lightly.data import LightlyDataset
+        return SampleImageDataset(), sample_image_paths()
+    from lightly_cotap.data.image_folder import ImageFolderDataset
+    from lightly_cotap.data.image_io import IMAGE_EXTENSIONS
 
-    if not Path(data).is_dir():
-        raise ValueError(f"--data must be an image folder, got {data!r}.")
-    folder: Dataset[Any] = LightlyDataset(input_dir=data)
-    return folder
+    dataset = ImageFolderDataset(data, num_threads=num_threads, progress=progress)
+    total = len(dataset) + len(dataset.skipped)
+    if dataset.skipped:
+        problems = "; ".join(problem for _, problem in dataset.skipped[:3])
+        more = len(dataset.skipped) - 3
+        listing = problems + (f"; and {more} more" if more > 0 else "")
+        if strict:
+            raise UsageError(
+                "--data",
+                data,
+                f"{len(dataset.skipped)} of {total} images cannot be read: "
+                f"{listing}; replace or remove them, or drop --strict to skip them",
+            )
+        say(
+            f"--data: skipping {len(dataset.skipped)} of {total} images that cannot "
+            f"be read: {listing} (--strict refuses them)"
+        )
+    if total == 0:
+        raise UsageError(
+            "--data",
+            data,
+            f"holds no images ({' '.join(IMAGE_EXTENSIONS)}, at any depth)",
+        )
+    if len(dataset) < 2:
+        raise UsageError(
+            "--data",
+            data,
+            f"holds {len(dataset)} readable image(s); CoTAP pairs every image with "
+            "a neighbour image, so it needs at least 2 (and one batch)",
+        )
+    return dataset, [dataset.root / name for name in dataset.files]
+
+
+def _fit_to_dataset(s: dict[str, Any], num_images: int, world_size: int) -> None:
+    """Shrinks the batch and the number of neighbours to a small data set."""
+    per_process = num_images // world_size
+    if per_process < 2:
+        raise UsageError(
+            "--data",
+            s["data"] or "(sample images)",
+            f"{num_images} images give {per_process} per process for {world_size} "
+            "processes; CoTAP needs batches of at least 2 images",
+        )
+    if s["batch_size"] > per_process:
+        say(
+            f"--batch-size: {s['batch_size']} is more than the {per_process} images "
+            f"per process: training with batch size {per_process}"
+        )
+        s["batch_size"] = per_process
+    if s["num_neighbors"] > num_images - 1:
+        say(
+            f"--num-neighbors: {s['num_neighbors']} is more than the other "
+            f"{num_images - 1} images: using {num_images - 1}"
+        )
+        s["num_neighbors"] = num_images - 1
+
+
+def _neighbor_cache_key(files: Sequence[Path], s: Mapping[str, Any]) -> str:
+    """Identity of what the neighbour index depends on.
+
+    The image files (names, sizes and modification times, which change whenever
+    the contents do), the initial weights (the ``--init`` file's identity, or the
+    seed of a random initialisation), the architecture, the embedding size and k.
+    """
+
+    def identity(path: Path) -> list[Any]:
+        stat = path.stat()
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+
+    inputs = {
+        "files": [identity(path) for path in files],
+        "init": identity(Path(s["init"])) if s["init"] else ["random", s["seed"]],
+        "architecture": {k: s[k] for k in ARCHITECTURE_KEYS},
+        "k": s["num_neighbors"],
+    }
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+
+
+def _given_neighbor_index(path: Path, num_images: int) -> Any:
+    """A ``--neighbors`` file made elsewhere (no cache key), used as given."""
+    from lightly_cotap.data.semantic_pairs import NeighborIndex
+
+    if not path.is_file() or NeighborIndex.stored_cache_key(path) is not None:
+        return None
+    try:
+        return NeighborIndex.load(path, expected_length=num_images)
+    except (OSError, ValueError) as ex:
+        raise UsageError("--neighbors", path, first_lines(str(ex))) from ex
+
+
+def _report_overrides(saved: Mapping[str, Any], s: Mapping[str, Any]) -> None:
+    """Prints the settings that differ from the resumed run's; refuses new shapes."""
+    for key, old in saved.items():
+        if key not in s or key == "preset":
+            continue
+        new = list(s[key]) if isinstance(s[key], tuple) else s[key]
+        if new == old:
+            continue
+        if key in ARCHITECTURE_KEYS or key == "init":
+            raise UsageError(
+                _flag(key),
+                new,
+                f"the resumed run was trained with {old}; a resumed run keeps its "
+                "architecture and weights (start a new run from its weights with "
+                "--init)",
+            )
+        say(f"{_flag(key)}: {new} overrides the resumed run's {old}")
 
 
 def _visualization_images(size: int, count: int = 4) -> Tensor:
@@ -324,6 +581,109 @@ def _save_before_after(
     return save_image_grid(rows, path)
 
 
+def _build_module(s: Mapping[str, Any]) -> Any:
+    """The CoTAPModule of the settings; checks the crop and pooling sizes."""
+    from lightly_cotap.train.cotap_module import CoTAPModule
+
+    backbone_kwargs: dict[str, Any] = {"img_size": s["global_crop_size"]}
+    for key in ("patch_size", "depth", "embed_dim", "num_heads"):
+        if s[key] is not None:
+            backbone_kwargs[key] = s[key]
+    try:
+        module = CoTAPModule(
+            s["backbone"],
+            backbone_kwargs=backbone_kwargs,
+            use_filter=not s["no_filter"],
+            num_prototypes=s["num_prototypes"],
+            head_hidden_dim=s["head_hidden_dim"],
+            head_bottleneck_dim=s["head_bottleneck_dim"],
+            patch_prototypes=s["patch_prototypes"],
+            cls_prototypes=s["cls_prototypes"],
+            objective_kwargs=dict(
+                pool_sizes=tuple(s["pool_sizes"]),
+                roi_output_size=s["roi_output_size"],
+                patch_queue_size=s["patch_queue_size"],
+                patch_queue_update_size=s["patch_queue_update_size"],
+                cls_queue_size=s["cls_queue_size"],
+                cls_queue_update_size=s["cls_queue_update_size"],
+            ),
+            prototype_bank_size=s["prototype_bank_size"],
+            prototype_bank_update=s["prototype_bank_update"],
+            kmeans_iters=s["kmeans_iters"],
+            backbone_lr=s["backbone_lr"],
+            head_lr=s["head_lr"],
+            momentum_start=s["momentum_start"],
+            momentum_end=s["momentum_end"],
+            max_steps=s["max_steps"],
+            gather_distributed=s["gather_distributed"],
+        )
+    except (ValueError, AssertionError) as ex:
+        raise UsageError(
+            "--backbone",
+            s["backbone"],
+            f"cannot be built with these settings: {first_lines(str(ex))}",
+        ) from ex
+    patch_size = module.backbone.patch_size
+    for key in ("global_crop_size", "local_crop_size"):
+        if s[key] % patch_size:
+            raise UsageError(
+                _flag(key), s[key], f"must be a multiple of the patch size {patch_size}"
+            )
+    grid = s["global_crop_size"] // patch_size
+    if max(s["pool_sizes"]) > grid:
+        raise UsageError(
+            "--pool-sizes",
+            list(s["pool_sizes"]),
+            f"must fit the {grid} x {grid} patch grid of --global-crop-size "
+            f"{s['global_crop_size']}",
+        )
+    return module
+
+
+def _build_trainer(
+    args: argparse.Namespace, s: Mapping[str, Any], output_dir: Path
+) -> tuple[Any, Any]:
+    """The Lightning Trainer (atomic checkpoints, always ``last.ckpt``) and logger."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(save_dir=str(output_dir), name="logs")
+    try:
+        trainer = pl.Trainer(
+            max_steps=s["max_steps"],
+            accelerator=args.accelerator,
+            devices=_devices(str(args.devices)),
+            num_nodes=args.num_nodes,
+            strategy=_strategy(args.strategy),
+            precision=_precision(args.precision, args.accelerator),  # type: ignore[arg-type]
+            sync_batchnorm=args.strategy == "ddp",
+            use_distributed_sampler=True,
+            logger=logger,
+            log_every_n_steps=s["log_every_n_steps"],
+            callbacks=[
+                ModelCheckpoint(
+                    dirpath=str(output_dir / "checkpoints"),
+                    save_last=True,
+                    every_n_train_steps=s["checkpoint_every_n_steps"],
+                    save_top_k=0,
+                    # Always last.ckpt (never last-v1.ckpt next to another run's).
+                    enable_version_counter=False,
+                )
+            ],
+            plugins=[atomic_checkpoint_io()],
+            enable_progress_bar=not args.no_progress_bar,
+            enable_model_summary=False,
+        )
+    except (ValueError, RuntimeError, TypeError) as ex:
+        raise UsageError(
+            "--accelerator / --devices / --strategy / --precision",
+            f"{args.accelerator} / {args.devices} / {args.strategy} / {args.precision}",
+            first_lines(str(ex)),
+        ) from ex
+    return trainer, logger
+
+
 def run_train(args: argparse.Namespace) -> dict[str, Path]:
     """Runs CoTAP training as configured by the parsed arguments.
 
@@ -333,10 +693,12 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
     Returns:
         Paths of the outputs: ``checkpoint``, ``backbone``, ``metrics`` and (unless
         disabled) ``visualization``.
+
+    Raises:
+        UsageError: If a setting, the data, the output folder or a checkpoint cannot
+            be used (checked before training), or no training step ran.
     """
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
 
     from lightly_cotap.data.semantic_pairs import (
         NeighborIndex,
@@ -344,82 +706,99 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
         default_embedding_transform,
     )
     from lightly_cotap.export import export_backbone
-    from lightly_cotap.train.cotap_module import CoTAPModule
     from lightly_cotap.transforms import CoTAPTransform
 
-    s = resolve_settings(args)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError("--output-dir", output_dir, "exists and is not a folder")
+    resume, start_step, saved = resume_point(args, output_dir)
+    s = resolve_settings(args, saved)
+    _check_settings(s)
+    if saved is not None:
+        _report_overrides(saved, s)
+    if resume is not None and start_step >= s["max_steps"]:
+        raise UsageError(
+            "--max-steps",
+            s["max_steps"],
+            f"the resumed run already trained {start_step} steps; pass a larger "
+            "--max-steps to train further",
+        )
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     elif s["preset"] == "demo" and args.accelerator in (None, "auto", "cpu"):
         # The demo ViT is tiny: one intra-op thread is as fast, and several threads
         # on a busy CPU oversubscribe it (measured 44 s vs. 8.5 min here).
         torch.set_num_threads(1)
-    pl.seed_everything(args.seed, workers=True)
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    backbone_kwargs: dict[str, Any] = {"img_size": s["global_crop_size"]}
-    for key in ("patch_size", "depth", "embed_dim", "num_heads"):
-        if s[key] is not None:
-            backbone_kwargs[key] = s[key]
-    module = CoTAPModule(
-        s["backbone"],
-        backbone_kwargs=backbone_kwargs,
-        use_filter=not args.no_filter,
-        num_prototypes=s["num_prototypes"],
-        head_hidden_dim=s["head_hidden_dim"],
-        head_bottleneck_dim=s["head_bottleneck_dim"],
-        patch_prototypes=s["patch_prototypes"],
-        cls_prototypes=s["cls_prototypes"],
-        objective_kwargs=dict(
-            pool_sizes=tuple(s["pool_sizes"]),
-            roi_output_size=s["roi_output_size"],
-            patch_queue_size=s["patch_queue_size"],
-            patch_queue_update_size=s["patch_queue_update_size"],
-            cls_queue_size=s["cls_queue_size"],
-            cls_queue_update_size=s["cls_queue_update_size"],
-        ),
-        prototype_bank_size=s["prototype_bank_size"],
-        prototype_bank_update=s["prototype_bank_update"],
-        kmeans_iters=s["kmeans_iters"],
-        backbone_lr=s["backbone_lr"],
-        head_lr=s["head_lr"],
-        momentum_start=s["momentum_start"],
-        momentum_end=s["momentum_end"],
-        max_steps=s["max_steps"],
-        gather_distributed=args.gather_distributed,
-    )
-    if args.init is not None and args.resume is None:
-        print(module.load_backbone_weights(args.init), file=sys.stderr)
+    pl.seed_everything(s["seed"], workers=True)
+    module = _build_module(s)
+    if s["init"] is not None and resume is None:
+        try:
+            say(module.load_backbone_weights(s["init"]))
+        except (FileNotFoundError, ValueError) as ex:
+            raise checkpoint_error(
+                "--init",
+                s["init"],
+                ex,
+                unsafe_fix="convert it first with python -m lightly_cotap.export "
+                "--checkpoint FILE --output converted.pth --unsafe-load (and --arch "
+                "if asked)",
+                mismatch_fix="pass the --backbone (and --patch-size, --depth, "
+                "--embed-dim, --num-heads) it was trained with",
+            ) from ex
 
-    dataset = _build_dataset(args.data)
-    neighbors_path = Path(args.neighbors or output_dir / "neighbors.npz")
-    num_neighbors = min(s["num_neighbors"], len(dataset) - 1)  # type: ignore[arg-type]
-    if neighbors_path.exists():
-        index = NeighborIndex.load(neighbors_path, expected_length=len(dataset))  # type: ignore[arg-type]
+    trainer, logger = _build_trainer(args, s, output_dir)
+
+    dataset, files = _build_dataset(
+        s["data"],
+        strict=args.strict,
+        progress=not args.no_progress_bar,
+        num_threads=max(1, s["num_workers"]),
+    )
+    _fit_to_dataset(s, len(dataset), trainer.world_size)  # type: ignore[arg-type]
+    neighbors_path = Path(s["neighbors"] or output_dir / "neighbors.npz")
+    given_index = (
+        _given_neighbor_index(neighbors_path, len(dataset))  # type: ignore[arg-type]
+        if s["neighbors"] is not None
+        else None
+    )
+    if given_index is not None:
+        s["num_neighbors"] = given_index.k
+    if is_first_process():
+        if args.overwrite:
+            clear_run(output_dir)
+        write_json(output_dir / "settings.json", _jsonable_settings(s))
+    if given_index is not None:
+        index = given_index
     else:
+        cache_key = _neighbor_cache_key(files, s)
+        stored = NeighborIndex.stored_cache_key(neighbors_path)
+        if stored is not None and stored != cache_key:
+            say(
+                f"{neighbors_path} was built for other images, initial weights or "
+                "--num-neighbors: rebuilding it"
+            )
         # Neighbours from the initial backbone (an image-level SSL checkpoint in the
-        # paper's setting; with a random demo ViT they are arbitrary).
+        # paper's setting; with a random demo ViT they are arbitrary). Every process
+        # builds the same index; the file is written atomically.
         module.backbone.eval()
-        index = NeighborIndex.build(
+        index = NeighborIndex.load_or_build(
+            neighbors_path,
             dataset,
             module.backbone,
-            k=num_neighbors,
+            k=s["num_neighbors"],
+            cache_key=cache_key,
             transform=default_embedding_transform(s["global_crop_size"]),
             batch_size=min(64, s["batch_size"] * 4),
             progress=not args.no_progress_bar,
         )
         module.backbone.train()
-        # Every process builds the same index; write atomically.
-        tmp = neighbors_path.with_name(f".{neighbors_path.stem}.{os.getpid()}.npz")
-        index.save(tmp)
-        os.replace(tmp, neighbors_path)
     transform = CoTAPTransform(
         global_crop_size=s["global_crop_size"],
         local_crop_size=s["local_crop_size"],
         n_local_views=s["n_local_views"],
     )
     pairs = SemanticPairDataset(
-        dataset, neighbors=index, p_self=args.p_self, transform=transform
+        dataset, neighbors=index, p_self=s["p_self"], transform=transform
     )
     loader = DataLoader(
         pairs,
@@ -433,35 +812,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
     images = _visualization_images(s["visualize_size"])
     before = None if args.no_visualize else _dense_features(module.backbone, images)
 
-    checkpoint_dir = output_dir / "checkpoints"
-    logger = CSVLogger(save_dir=str(output_dir), name="logs")
-    trainer = pl.Trainer(
-        max_steps=s["max_steps"],
-        accelerator=args.accelerator,
-        devices=_devices(str(args.devices)),
-        num_nodes=args.num_nodes,
-        strategy=_strategy(args.strategy),
-        precision=_precision(args.precision, args.accelerator),  # type: ignore[arg-type]
-        sync_batchnorm=args.strategy == "ddp",
-        use_distributed_sampler=True,
-        logger=logger,
-        log_every_n_steps=s["log_every_n_steps"],
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=str(checkpoint_dir),
-                save_last=True,
-                every_n_train_steps=s["checkpoint_every_n_steps"],
-                save_top_k=0,
-            )
-        ],
-        enable_progress_bar=not args.no_progress_bar,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, loader, ckpt_path=args.resume)
-    outputs = {
-        "checkpoint": checkpoint_dir / "last.ckpt",
-        "metrics": Path(logger.log_dir) / "metrics.csv",
-    }
+    trainer.fit(module, loader, ckpt_path=resume)
+    if trainer.global_step <= start_step:
+        raise UsageError(
+            "--batch-size",
+            s["batch_size"],
+            f"no training step ran ({len(dataset)} images, "  # type: ignore[arg-type]
+            f"{trainer.world_size} processes); nothing was exported",
+        )
+    outputs = {"checkpoint": output_dir / "checkpoints" / "last.ckpt"}
     trainer.save_checkpoint(outputs["checkpoint"])  # collective: all ranks
     if trainer.global_rank == 0:
         outputs["backbone"] = output_dir / "backbone.pth"
@@ -471,15 +830,16 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
             outputs["visualization"] = _save_before_after(
                 images, before, after, output_dir / "dense_features.png"
             )
-        with open(output_dir / "settings.json", "w") as f:
-            json.dump(
-                {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()},
-                f,
-                indent=2,
-            )
+        metrics = Path(logger.log_dir) / "metrics.csv"
+        if metrics.is_file():
+            outputs["metrics"] = metrics
         for name, path in outputs.items():
             print(f"{name}: {path}")
     return outputs
+
+
+def _jsonable_settings(s: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in s.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -489,11 +849,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments (defaults to ``sys.argv[1:]``).
 
     Returns:
-        Exit code.
+        Exit code (2 on a user error, with a one-line message on stderr).
     """
     parser = argparse.ArgumentParser(prog="lightly-cotap train", description=__doc__)
     add_train_arguments(parser)
-    run_train(parser.parse_args(argv))
+    add_debug_argument(parser)
+    run_command(run_train, parser.parse_args(argv), "lightly-cotap train")
     return 0
 
 

@@ -216,6 +216,38 @@ class TestNeighborIndex:
                 path, Subset(dataset, range(5)), embed_fn=fail, k=2, **kwargs
             )
 
+    def test_load_or_build_with_cache_key_rebuilds_stale_files(
+        self, tmp_path: Path
+    ) -> None:
+        dataset = SampleImageDataset()
+        path = tmp_path / "cache.npz"
+        kwargs: dict[str, Any] = dict(transform=_small_tensor, progress=False)
+        built = NeighborIndex.load_or_build(
+            path, dataset, _pool_backbone(), k=2, cache_key="images-a", **kwargs
+        )
+        assert NeighborIndex.stored_cache_key(path) == "images-a"
+
+        def fail(images: Tensor) -> Tensor:
+            raise AssertionError("the cached index must be reused")
+
+        reused = NeighborIndex.load_or_build(
+            path, dataset, embed_fn=fail, k=2, cache_key="images-a", **kwargs
+        )
+        np.testing.assert_array_equal(reused.neighbors, built.neighbors)
+        # Same number of images, other key (other files, weights or k): rebuilt.
+        calls = []
+
+        def embed(images: Tensor) -> Tensor:
+            calls.append(len(images))
+            return images.flatten(1)
+
+        rebuilt = NeighborIndex.load_or_build(
+            path, dataset, embed_fn=embed, k=3, cache_key="images-b", **kwargs
+        )
+        assert sum(calls) == len(dataset) and rebuilt.k == 3
+        assert NeighborIndex.stored_cache_key(path) == "images-b"
+        assert NeighborIndex.stored_cache_key(tmp_path / "missing.npz") is None
+
     def test_load_official_nns_format(self, tmp_path: Path) -> None:
         # STEGO/CoTAP files list the image itself (usually first) among its top-k.
         nns = np.array([[0, 1, 2], [1, 0, 2], [3, 2, 0], [3, 0, 1]])  # row 2: dup first

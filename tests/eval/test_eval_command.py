@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -180,10 +181,10 @@ def _rgb_masks(tmp: Path, scenes: Path) -> Path:
         ("missing_images", "--images"),
         ("no_matching_stems", "no mask"),
         ("rgb_masks", "single-channel"),
-        ("text_checkpoint", "cannot load --checkpoint"),
-        ("garbage_checkpoint", "not a readable PyTorch checkpoint"),
+        ("text_checkpoint", "not a PyTorch checkpoint"),
+        ("garbage_checkpoint", "not a PyTorch checkpoint"),
         ("no_meta_no_arch", "--arch"),
-        ("missing_checkpoint", "is not a file"),
+        ("missing_checkpoint", "no such file"),
         ("too_few_classes", "--num-classes"),
         ("val_images_only", "--val-masks"),
     ],
@@ -236,3 +237,115 @@ def test_eval_bad_inputs(
     assert "Traceback" not in err
     assert (out / "report.json").read_text() == "previous"
     assert not (out / "pca.png").exists()
+
+
+def _copy_split(scenes: Path, tmp: Path, classes_json: bool = False) -> Path:
+    """A copy of the training images and masks (optionally with classes.json)."""
+    root = tmp / "copy"
+    for name in ("images", "masks"):
+        (root / name).mkdir(parents=True)
+        for path in sorted((scenes / "train" / name).iterdir()):
+            (root / name / path.name).write_bytes(path.read_bytes())
+    if classes_json:
+        (root / "classes.json").write_bytes(
+            (scenes / "train/classes.json").read_bytes()
+        )
+    return root
+
+
+def _folders(args: list[str], root: Path) -> list[str]:
+    args[args.index("--images") + 1] = str(root / "images")
+    args[args.index("--masks") + 1] = str(root / "masks")
+    return args
+
+
+def _set_pixel(mask_path: Path, value: int) -> None:
+    mask = np.array(Image.open(mask_path))
+    mask[0, 0] = value
+    Image.fromarray(mask).save(mask_path)
+
+
+@pytest.mark.parametrize("classes_json", [False, True])
+def test_eval_refuses_a_stray_label(
+    classes_json: bool,
+    scenes: Path,
+    exported: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = _copy_split(scenes, tmp_path, classes_json)
+    stray = sorted((root / "masks").iterdir())[3]
+    _set_pixel(stray, 200)  # one pixel: must not make 201 classes
+    args = _folders(_args(scenes, exported, tmp_path / "out", "--skip", "kmeans"), root)
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lightly-cotap eval: error: --masks:" in err and stray.name in err
+    assert "200" in err and "--ignore-unknown-labels" in err
+    if classes_json:
+        assert "classes.json" in err and "lie outside the 4 classes" in err
+    assert not (tmp_path / "out" / "report.json").exists()
+
+    # Declared classes + the flag: the pixel is ignored, with a count.
+    declared = [] if classes_json else ["--num-classes", str(NUM_CLASSES)]
+    assert main([*args, *declared, "--ignore-unknown-labels"]) == 0
+    err = capsys.readouterr().err
+    assert "ignoring 1 pixels with labels [200]" in err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["num_classes"] == NUM_CLASSES
+    assert len(report["linear_probe"]["iou_per_class"]) == NUM_CLASSES
+
+
+def test_eval_reads_0_255_masks_as_binary(
+    scenes: Path, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _copy_split(scenes, tmp_path)
+    for path in (root / "masks").iterdir():
+        mask = np.array(Image.open(path))
+        Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)).save(path)
+    out = tmp_path / "out"
+    args = _folders(_args(scenes, exported, out, "--skip", "overclustering"), root)
+    assert main(args) == 0
+    assert "read as binary masks (0 = background, 255 = class 1)" in (
+        capsys.readouterr().err
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["num_classes"] == 2
+    for name in ("linear_probe", "kmeans", "retrieval"):
+        background, foreground = report[name]["iou_per_class"]
+        assert foreground is not None  # scored, not ignored
+        assert report[name]["pixel_accuracy"] < 1.0
+    # Asked explicitly to ignore 255, only class 0 is left: refused.
+    with pytest.raises(SystemExit):
+        main([*args, "--ignore-index", "255"])
+    assert "every labelled pixel is class [0]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["swapped_mask", "empty_image"])
+def test_eval_refuses_broken_pairs(
+    case: str,
+    scenes: Path,
+    exported: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = _copy_split(scenes, tmp_path)
+    image_path = sorted((root / "images").iterdir())[2]
+    mask_path = root / "masks" / f"{image_path.stem}.png"
+    if case == "swapped_mask":
+        Image.open(image_path).resize((48, 32)).save(image_path)
+        Image.open(mask_path).resize((32, 48), Image.Resampling.NEAREST).save(mask_path)
+    else:
+        image_path.write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        main(_folders(_args(scenes, exported, tmp_path / "out"), root))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if case == "swapped_mask":
+        assert "--masks:" in err and "differ in size" in err
+        assert f"{mask_path.name} is 32x48, {image_path.name} is 48x32" in err
+    else:
+        assert "--images:" in err and "1 images cannot be read" in err
+        assert image_path.name in err and "empty file" in err

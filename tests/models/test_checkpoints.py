@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightly_cotap.models import CoTAPVisionTransformer
 from lightly_cotap.models.utils import (
+    CheckpointFileError,
     extract_backbone_state_dict,
     load_backbone_state_dict,
     load_checkpoint_file,
@@ -277,3 +278,35 @@ class TestErrors:
 
 class _Custom:
     pass
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "empty file (0 bytes)"),
+        (b"hello, not a checkpoint", "not a PyTorch checkpoint"),
+        (b"PK\x03\x04 cut short", "truncated or damaged"),
+    ],
+)
+def test_unloadable_files_say_what_is_wrong(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    path = tmp_path / "file.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointFileError) as info:
+        load_checkpoint_file(path)
+    assert info.value.problem.startswith(problem)
+    assert not info.value.needs_unsafe_load
+    assert "weights_only" not in str(info.value)
+
+
+def test_truncated_checkpoint_and_blocked_object(tmp_path: Path) -> None:
+    path = tmp_path / "full.pth"
+    torch.save({"state_dict": _timm_state(seed=1)}, path)
+    (tmp_path / "cut.pth").write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(CheckpointFileError, match="truncated or damaged"):
+        load_checkpoint_file(tmp_path / "cut.pth")
+    torch.save({"state_dict": {}, "obj": _Custom()}, path)
+    with pytest.raises(CheckpointFileError) as info:
+        load_checkpoint_file(path)
+    assert info.value.needs_unsafe_load and "_Custom" in info.value.problem
