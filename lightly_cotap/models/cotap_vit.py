@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightly_cotap.models.modules.conv_stem import ConvStem, add_conv_stem
 from lightly_cotap.models.modules.object_aware_filter import ObjectAwareFilter
 from lightly_cotap.models.utils import (
     CheckpointLoadReport,
@@ -125,6 +126,7 @@ class CoTAPVisionTransformer(nn.Module):
         prototype_size: int = 3,
         train_prototypes: bool = False,
         img_size: int | tuple[int, int] = 224,
+        conv_stem: bool = False,
         **timm_kwargs: Any,
     ) -> None:
         """Initializes the CoTAPVisionTransformer.
@@ -141,6 +143,10 @@ class CoTAPVisionTransformer(nn.Module):
                 (default False, like the official code; see ObjectAwareFilter).
             img_size: Image size of the position-embedding grid when ``vit`` is a
                 name. Other image sizes work too (the embedding is resampled).
+            conv_stem: Replace the patch projection by a
+                :class:`~lightly_cotap.models.modules.conv_stem.ConvStem` (strided
+                3 x 3 convolutions; trains faster from scratch on small data). A
+                ``vit`` instance that already has one keeps it.
             **timm_kwargs: Extra arguments for ``timm.create_model`` when ``vit`` is a
                 name (e.g. ``drop_path_rate=0.1`` or ``reg_tokens=4``).
 
@@ -180,6 +186,8 @@ class CoTAPVisionTransformer(nn.Module):
                 "vit must be a timm VisionTransformer (or the name of one), got "
                 f"{type(vit).__name__}."
             )
+        if conv_stem and not isinstance(vit.patch_embed.proj, ConvStem):
+            add_conv_stem(vit)
         _prepare_vit(vit)
         self.vit = vit
         self.arch = arch
@@ -213,6 +221,11 @@ class CoTAPVisionTransformer(nn.Module):
     def out_dim(self) -> int:
         """Width of the outputs: 2D with the filter, D without."""
         return 2 * self.embed_dim if self.use_filter else self.embed_dim
+
+    @property
+    def conv_stem(self) -> bool:
+        """Whether the patch embedding is a convolutional stem."""
+        return isinstance(self.vit.patch_embed.proj, ConvStem)
 
     @property
     def patch_size(self) -> int:
@@ -438,6 +451,7 @@ class CoTAPVisionTransformer(nn.Module):
             "num_reg_tokens": int(vit.num_reg_tokens),
             "no_embed_class": bool(vit.no_embed_class),
             "layer_scale": isinstance(block.ls1, LayerScale),
+            "conv_stem": self.conv_stem,
             "use_filter": self.use_filter,
             "num_prototypes": self.num_prototypes,
             "prototype_size": self.prototype_size,
@@ -523,6 +537,7 @@ class CoTAPVisionTransformer(nn.Module):
             num_prototypes=int(meta["num_prototypes"]),
             prototype_size=int(meta["prototype_size"]),
             train_prototypes=bool(meta.get("train_prototypes", False)),
+            conv_stem=bool(meta.get("conv_stem", False)),
         )
         model.arch = arch
         return model
@@ -570,7 +585,8 @@ class CoTAPVisionTransformer(nn.Module):
         return self.filter
 
     def _check_images(self, images: Tensor) -> None:
-        in_chans = int(self.vit.patch_embed.proj.in_channels)
+        proj = self.vit.patch_embed.proj
+        in_chans = int(getattr(proj, "image_channels", proj.in_channels))
         if images.ndim != 4:
             raise ValueError(
                 f"images must have shape (B, {in_chans}, H, W), got "
