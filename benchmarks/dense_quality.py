@@ -1,15 +1,28 @@
-"""Dense-feature quality of CoTAP post-training on real copy-paste scenes (issue 7).
+"""Dense-feature quality of CoTAP post-training on real copy-paste scenes.
 
-Mirrors the paper's protocol [0] (CoTAP continues an image-level SSL checkpoint), at a
-scale that runs on a 2-core CPU:
+Mirrors the paper's protocol [0] (CoTAP continues an image-level checkpoint trained on
+object-centric images, then trains on scene-centric images), at a scale that runs on a
+2-core CPU:
 
-- stage 1: a tiny ViT (timm ``vit_tiny``, depth 4, patch 8) is trained from random
-  initialisation with a DINO-style image-level objective (Lightly's
-  ``DINOProjectionHead`` + ``DINOLoss``, EMA teacher, multi-crop) on the training
-  scenes of :class:`~lightly_cotap.data.CopyPasteScenes` -> checkpoint P
-  (``--stage1-steps``, 240);
-- stage 2 continues from P for the same, smaller number of steps (``--steps``, 50;
-  CoTAP is a short continued training) with
+- stage 1 on **object-centric** images (one train-split cut-out per image, centred and
+  large, on a :class:`~lightly_cotap.data.background_views.BackgroundView`: procedural
+  textures or strongly augmented photo crops, so no background repeats recognisably):
+  a tiny ViT (timm ``vit_tiny``, depth 4, patch 8, with a convolutional stem:
+  :class:`~lightly_cotap.models.modules.conv_stem.ConvStem`, which learns from scratch
+  several times faster than a patchify projection at this scale) is trained from
+  random initialisation -> checkpoint P (``--stage1-steps``). ``--stage1 dino`` is the
+  self-supervised objective (Lightly's ``DINOProjectionHead`` + ``DINOLoss``, EMA
+  teacher, multi-crop); ``--stage1 supervised`` (the default) trains on the image's
+  object class and stands in for the supervised / ImageNet-scale pretraining that
+  cannot be run from scratch on a CPU; every table names which one was used.
+  ``--stage1-checkpoint FILE`` skips the training and starts every seed from FILE;
+- a gate: P's patch features must beat the random initialisation by at least
+  ``GATE`` points on the object / background probe and on linear-probe mIoU (mean over
+  seeds). Stage 2 only means something above the gate; the report says which side
+  every seed's P is on;
+- stage 2 on **scenes** (1-3 objects per image, the same augmented backgrounds)
+  continues from P for the same, smaller number of steps (``--steps``; CoTAP is a
+  short continued training) with
   (a) the DINO objective only,
   (b) the full CoTAP objective (:class:`~lightly_cotap.train.cotap_module.CoTAPModule`:
       CoTAP ranking + patch cluster + CLS terms + object-aware filter, positives
@@ -18,14 +31,16 @@ scale that runs on a 2-core CPU:
   (c) the same without the ranking loss (``cotap_weight=0``),
   (d) DenseCL built from Lightly's components (``DenseCLProjectionHead``,
       ``NTXentLoss`` with memory banks, ``select_most_similar``, EMA key encoder),
+  (e) the full CoTAP objective without the object-aware filter,
   (b') a diagnostic: (b) with positives that share the scene's largest object class
       (from the labels, ``SemanticPairDataset(labels=...)``) instead of P's
       neighbours;
 - the random initialisation, P and every stage-2 model are evaluated with
   :func:`~lightly_cotap.eval.evaluate_dense` on disjoint test scenes (unseen objects
-  and backgrounds): linear-probe (BatchNorm + 1x1 conv), k-means (K = classes,
-  Hungarian) and retrieval mIoU; mean and standard deviation over seeds, and the
-  per-seed linear-probe differences of (b) against the others;
+  and unseen background photos): linear-probe (BatchNorm + 1x1 conv), k-means
+  (K = classes, Hungarian) and retrieval mIoU, and a class-agnostic object /
+  background linear probe; mean and standard deviation over seeds, and the per-seed
+  linear-probe differences of (b) against the others;
 - diagnostics: how often P's neighbours share the background photo or an object class
   (against chance), and CoTAP's loss terms over the last quarter of its steps.
 
@@ -37,14 +52,19 @@ one-thread processes do more work than one two-thread process).
 Measured cost on the shared 2-core machine (batch 16, 64 px crops, one thread per
 process, two processes): about 1.6 s per DINO step, 4-5 s per CoTAP step (two images
 per item, teacher + student, five loss terms), 0.5 s per DenseCL step and 15-30 s per
-evaluation; the defaults take about 30 minutes for 3 seeds. Usage::
+evaluation. Usage::
 
-    python benchmarks/dense_quality.py            # ~30 min on 2 cores
-    python benchmarks/dense_quality.py --quick    # smoke run, ~1 min
+    python benchmarks/dense_quality.py                  # 3 seeds, <= 60 min on 2 cores
+    python benchmarks/dense_quality.py --quick          # smoke run, ~1 min
+    python benchmarks/dense_quality.py --preset gpu     # larger ViT / images, one GPU
+    python benchmarks/dense_quality.py --stage1-checkpoint out/stage1/seed0.pth
 
 The object cut-outs and backgrounds come from
 ``benchmarks/prepare_copy_paste_scenes.py`` (``--objects`` / ``--backgrounds``
-default to its cache folders). The table is printed and written to ``--out``.
+default to its cache folders). The table is printed and written to ``--out`` with
+``results.json`` (per row and seed every metric, the gate and its verdict, the
+settings), the stage-1 checkpoints (``stage1/seed<N>.pth``) and ``pca.png`` (PCA of
+the dense features of P, (a) and (b) on test scenes).
 
 - [0]: Wen et al., Semantic Concentration for Self-Supervised Dense Representations
   Learning, 2025, https://arxiv.org/abs/2509.09429
@@ -66,6 +86,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightly.loss import DINOLoss, NTXentLoss
@@ -75,36 +96,48 @@ from lightly.models.utils import (
     select_most_similar,
     update_momentum,
 )
+from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.scheduler import cosine_schedule
 from pytorch_lightning import seed_everything
+from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from lightly_cotap.data import CopyPasteScenes, NeighborIndex, SemanticPairDataset
 from lightly_cotap.eval import evaluate_dense
+from lightly_cotap.eval.visualize import pca_rgb, save_image_grid, to_uint8_images
 from lightly_cotap.export import export_state_dict
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
 from lightly_cotap.transforms import CoTAPTransform
 
 CACHE = Path.home() / ".cache/lightly_cotap/debian"
-METHODS = (
-    "P",
+STAGE2_METHODS = (
     "a_dino",
     "b_cotap",
     "c_cotap_no_rank",
     "d_densecl",
+    "e_cotap_no_filter",
     "b_cotap_label_pairs",
 )
+DEFAULT_METHODS = STAGE2_METHODS[:5]
+STAGE1_LABELS = {
+    "dino": "P (stage 1: DINO from scratch, object-centric images)",
+    "supervised": "P (stage 1: supervised object class, stand-in for ImageNet "
+    "pretraining)",
+    "checkpoint": "P (stage 1: loaded checkpoint)",
+}
 LABELS = {
     "R": "random initialisation (no training)",
-    "P": "P (stage 1, DINO from scratch)",
     "a_dino": "(a) + DINO",
     "b_cotap": "(b) + CoTAP (full)",
     "c_cotap_no_rank": "(c) + CoTAP w/o ranking loss",
     "d_densecl": "(d) + DenseCL (Lightly)",
+    "e_cotap_no_filter": "(e) + CoTAP w/o object-aware filter",
     "b_cotap_label_pairs": "(b') + CoTAP, positives share an object class (labels)",
 }
+#: Minimum mean margin of P over the random initialisation (mIoU points).
+GATE = {"objectness": 10.0, "linear_probe": 5.0}
 METRICS = ("linear_probe", "kmeans", "retrieval", "objectness")
 METRIC_NAMES = {
     "linear_probe": "linear probe",
@@ -121,6 +154,7 @@ class Config:
     arch: str = "vit_tiny_patch16_224"
     depth: int = 4
     patch_size: int = 8
+    conv_stem: bool = True
     scene_size: int = 96
     global_crop: int = 64
     local_crop: int = 32
@@ -128,7 +162,12 @@ class Config:
     num_train: int = 384
     num_probe: int = 96
     num_test: int = 96
-    stage1_steps: int = 240
+    stage1: str = "supervised"
+    stage1_steps: int = 1000
+    stage1_images: int = 8000
+    stage1_image_size: int = 64
+    stage1_batch_size: int = 64
+    stage1_lr: float = 1e-3
     steps: int = 50
     batch_size: int = 16
     lr: float = 5e-4
@@ -137,19 +176,48 @@ class Config:
     label_size: int = 48
     memory_size: int = 20_000
     num_neighbors: int = 5
+    device: str = "cpu"
 
 
-QUICK = Config(
-    num_train=48,
-    num_probe=16,
-    num_test=16,
-    stage1_steps=4,
-    steps=2,
-    batch_size=8,
-    probe_steps=20,
-    label_size=24,
-    memory_size=2000,
-)
+PRESETS = {
+    "cpu": Config(),
+    "quick": Config(
+        num_train=48,
+        num_probe=16,
+        num_test=16,
+        stage1_steps=4,
+        stage1_images=64,
+        stage1_batch_size=16,
+        steps=2,
+        batch_size=8,
+        probe_steps=20,
+        label_size=24,
+        memory_size=2000,
+    ),
+    # One GPU, sized by estimate for <= 8 minutes: ViT-S width, 8 blocks, 128 px
+    # scenes (16 x 16 patches of 8 px at the 128 px global crops).
+    "gpu": Config(
+        arch="vit_small_patch16_224",
+        depth=8,
+        patch_size=8,
+        scene_size=160,
+        global_crop=128,
+        local_crop=64,
+        num_train=2048,
+        num_probe=256,
+        num_test=256,
+        stage1_steps=3000,
+        stage1_images=30000,
+        stage1_image_size=128,
+        stage1_batch_size=128,
+        steps=300,
+        batch_size=64,
+        probe_steps=1000,
+        label_size=80,
+        memory_size=100_000,
+        device="cuda",
+    ),
+}
 
 
 # -- data ---------------------------------------------------------------------------
@@ -175,7 +243,11 @@ class SceneImages(Dataset[Any]):
 def make_scenes(
     objects: Path, backgrounds: Path, cfg: Config, seed: int
 ) -> tuple[CopyPasteScenes, list[tuple[Tensor, Tensor]], list[tuple[Tensor, Tensor]]]:
-    """Training scenes, labelled probe scenes (train split) and test scenes."""
+    """Training scenes, labelled probe scenes (train split) and test scenes.
+
+    The training scenes have augmented backgrounds (as the stage-1 images); the probe
+    and test scenes are plain crops of the photos of their split.
+    """
     common: dict[str, Any] = dict(image_size=cfg.scene_size, max_background_side=512)
     train = CopyPasteScenes(
         objects,
@@ -183,6 +255,7 @@ def make_scenes(
         split="train",
         num_samples=cfg.num_train,
         seed=seed,
+        augment_backgrounds=True,
         **common,
     )
     probe = CopyPasteScenes(
@@ -205,6 +278,34 @@ def make_scenes(
         train,
         [probe[i] for i in range(len(probe))],
         [test[i] for i in range(len(test))],
+    )
+
+
+def object_centric_images(
+    objects: Path, backgrounds: Path, cfg: Config, seed: int, size: int
+) -> tuple[list[Any], list[int]]:
+    """Stage-1 images: one centred, large train-split cut-out on a random background.
+
+    Returns:
+        The PIL images and their object classes (0-based).
+    """
+    images = CopyPasteScenes(
+        objects,
+        backgrounds,
+        split="train",
+        num_samples=cfg.stage1_images,
+        image_size=size,
+        num_objects=(1, 1),
+        object_scale=(0.55, 0.85),
+        center_jitter=0.1,
+        augment_backgrounds=True,
+        seed=seed + 3000,
+        max_background_side=512,
+    )
+    layouts = [images.layout(i) for i in range(len(images))]
+    return (
+        [images.render(layout)[0] for layout in layouts],
+        [layout.objects[0].class_id - 1 for layout in layouts],
     )
 
 
@@ -242,6 +343,7 @@ def backbone(cfg: Config, use_filter: bool, **kwargs: Any) -> CoTAPVisionTransfo
     return CoTAPVisionTransformer(
         cfg.arch,
         use_filter=use_filter,
+        conv_stem=cfg.conv_stem,
         depth=cfg.depth,
         patch_size=cfg.patch_size,
         img_size=cfg.global_crop,
@@ -287,11 +389,14 @@ def train_dino(
     teacher = nn.ModuleDict({"backbone": copy.deepcopy(model), "head": make_head()})
     teacher["head"].load_state_dict(head.state_dict())
     deactivate_requires_grad(teacher)
-    criterion = DINOLoss(output_dim=1024, warmup_teacher_temp_epochs=0)
+    student.to(cfg.device)
+    teacher.to(cfg.device)
+    criterion = DINOLoss(output_dim=1024, warmup_teacher_temp_epochs=0).to(cfg.device)
     loader = view_loader(images, cfg)
     opt = optimizer(list(student.parameters()), lr)
     student.train()
     for step, (views, _) in enumerate(loop(loader, steps)):
+        views = move_data_to_device(views, cfg.device)
         set_lr(opt, step, steps, lr)
         update_momentum(student, teacher, cosine_schedule(step, steps, 0.99, 1.0))
         with torch.no_grad():
@@ -303,6 +408,44 @@ def train_dino(
         opt.zero_grad()
         loss.backward()
         head.cancel_last_layer_gradients(current_epoch=0)
+        opt.step()
+    return model.eval()
+
+
+def train_supervised(
+    model: CoTAPVisionTransformer,
+    images: list[Any],
+    labels: list[int],
+    cfg: Config,
+    seed: int,
+) -> CoTAPVisionTransformer:
+    """Supervised stage 1: object class of the object-centric images.
+
+    A linear classifier reads the mean of the patch features (global average
+    pooling), so the class evidence has to be carried by the patch features that the
+    dense evaluation reads, not only by the CLS token. Cross-entropy with label
+    smoothing 0.1, random horizontal flips, AdamW with warm-up and cosine decay.
+    """
+    seed_everything(seed, verbose=False)
+    x = torch.stack([torch.from_numpy(np.asarray(im).copy()) for im in images])
+    x = x.permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+    y = torch.tensor(labels)
+    mean = torch.tensor(IMAGENET_NORMALIZE["mean"], device=cfg.device)[:, None, None]
+    std = torch.tensor(IMAGENET_NORMALIZE["std"], device=cfg.device)[:, None, None]
+    head = nn.Linear(model.out_dim, int(y.max()) + 1)
+    net = nn.ModuleDict({"backbone": model, "head": head}).to(cfg.device).train()
+    opt = optimizer(list(net.parameters()), cfg.stage1_lr)
+    generator = torch.Generator().manual_seed(seed)
+    for step in range(cfg.stage1_steps):
+        set_lr(opt, step, cfg.stage1_steps, cfg.stage1_lr)
+        index = torch.randint(len(x), (cfg.stage1_batch_size,), generator=generator)
+        batch = x[index].to(cfg.device).float().div(255)
+        flip = torch.rand(len(batch), generator=generator) < 0.5
+        batch[flip.to(cfg.device)] = batch[flip.to(cfg.device)].flip(3)
+        logits = head(model((batch - mean) / std).dense.mean((2, 3)))
+        loss = F.cross_entropy(logits, y[index].to(cfg.device), label_smoothing=0.1)
+        opt.zero_grad()
+        loss.backward()
         opt.step()
     return model.eval()
 
@@ -325,10 +468,13 @@ def train_densecl(
             "local": DenseCLProjectionHead(dim, dim, 64),
         }
     )
+    student.to(cfg.device)
     teacher = copy.deepcopy(student)
     deactivate_requires_grad(teacher)
     global_loss = NTXentLoss(temperature=0.2, memory_bank_size=(2048, 64))
     local_loss = NTXentLoss(temperature=0.2, memory_bank_size=(2048, 64))
+    global_loss.to(cfg.device)
+    local_loss.to(cfg.device)
     loader = view_loader(images, cfg)
     opt = optimizer(list(student.parameters()), lr)
 
@@ -337,6 +483,7 @@ def train_densecl(
         return dense, net["global"](dense.mean(1)), net["local"](dense)
 
     for step, (views, _) in enumerate(loop(loader, steps)):
+        views = move_data_to_device(views, cfg.device)
         set_lr(opt, step, steps, lr)
         update_momentum(student, teacher, cosine_schedule(step, steps, 0.99, 1.0))
         x0, x1 = views["student"][0], views["student"][1]
@@ -360,6 +507,7 @@ def train_cotap(
     lr: float,
     seed: int,
     cotap_weight: float,
+    use_filter: bool = True,
 ) -> tuple[CoTAPVisionTransformer, dict[str, float]]:
     """CoTAP post-training from P with the recipe's LightningModule (manual loop).
 
@@ -374,8 +522,12 @@ def train_cotap(
     module = CoTAPModule(
         cfg.arch,
         backbone_kwargs=dict(
-            depth=cfg.depth, patch_size=cfg.patch_size, img_size=cfg.global_crop
+            depth=cfg.depth,
+            patch_size=cfg.patch_size,
+            img_size=cfg.global_crop,
+            conv_stem=cfg.conv_stem,
         ),
+        use_filter=use_filter,
         num_prototypes=16,
         head_hidden_dim=256,
         head_bottleneck_dim=64,
@@ -396,6 +548,7 @@ def train_cotap(
         max_steps=cfg.steps,
     )
     module.load_backbone_weights(p_state)
+    module.to(cfg.device)
     loader = DataLoader(pairs, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     student = module.student
     head_params = [
@@ -407,6 +560,7 @@ def train_cotap(
     module.train()
     history: dict[str, list[float]] = {}
     for step, batch in enumerate(loop(loader, cfg.steps)):
+        batch = move_data_to_device(batch, cfg.device)
         set_lr(opt, step, cfg.steps, lr)
         update_momentum(
             student, module.teacher, cosine_schedule(step, cfg.steps, 0.99, 1.0)
@@ -465,7 +619,7 @@ def build_neighbors(
     """kNN positives from P's CLS embeddings of the (center-resized) scenes."""
     from lightly_cotap.data.segmentation_folder import image_to_tensor
 
-    model = CoTAPVisionTransformer.from_checkpoint(p_state)
+    model = CoTAPVisionTransformer.from_checkpoint(p_state).to(cfg.device).eval()
     with torch.no_grad():
         x = torch.stack(
             [
@@ -473,7 +627,7 @@ def build_neighbors(
                 for im in images.images
             ]
         )
-        emb = torch.cat([model(b).cls for b in x.split(64)])
+        emb = torch.cat([model(b.to(cfg.device)).cls.cpu() for b in x.split(64)])
     return NeighborIndex.from_embeddings(emb, k=cfg.num_neighbors)
 
 
@@ -518,7 +672,13 @@ def foreground_agreement(
     """
     images = torch.stack([image for image, _ in samples])
     masks = torch.stack([mask for _, mask in samples]).float()[:, None]
-    fg = torch.cat([model(b, return_fg_mask=True).fg_mask for b in images.split(32)])
+    device = next(model.parameters()).device
+    fg = torch.cat(
+        [
+            model(b.to(device), return_fg_mask=True).fg_mask.cpu()
+            for b in images.split(32)
+        ]
+    )
     valid = F.avg_pool2d((masks != 255).float(), patch)
     objects = F.avg_pool2d(((masks > 0) & (masks != 255)).float(), patch)
     is_object = (objects > 0.5 * valid)[:, 0]
@@ -537,6 +697,7 @@ def evaluate(
         label_size=cfg.label_size,
         batch_size=32,
         module=model,
+        device=cfg.device,
         seed=seed,
         linear_probe={"steps": cfg.probe_steps},
         overclustering_k=0,
@@ -574,6 +735,18 @@ def object_masks(samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Ten
     ]
 
 
+#: Stage-2 models whose features the PCA figure shows next to P's.
+PCA_METHODS = ("a_dino", "b_cotap")
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 @dataclass
 class Paths:
     objects: Path
@@ -581,9 +754,12 @@ class Paths:
 
 
 def stage1_task(
-    paths: Paths, cfg: Config, seed: int
+    paths: Paths, cfg: Config, seed: int, checkpoint: Path | None, out: Path
 ) -> tuple[dict[str, Any], NeighborIndex, dict[str, Any]]:
-    """Stage 1: DINO from random initialisation -> checkpoint P and its report.
+    """Stage 1 from random initialisation (or ``checkpoint``) -> P and its report.
+
+    P is trained on object-centric images with ``cfg.stage1`` and saved to
+    ``out/stage1/seed<seed>.pth`` (the format ``--stage1-checkpoint`` reads).
 
     Returns P, P's neighbour index (the positives of the CoTAP runs) and the report:
     the scores of the random initialisation and of P, and how P's neighbours and
@@ -592,17 +768,27 @@ def stage1_task(
     start = time.perf_counter()
     data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
     seed_everything(seed, verbose=False)
-    model = backbone(cfg, use_filter=False)
+    model = backbone(cfg, use_filter=False).to(cfg.device)
     init_scores = evaluate(model.eval(), data, cfg, seed)
-    model = train_dino(
-        model,
-        data.images,
-        cfg,
-        cfg.lr,
-        seed,
-        cfg.stage1_steps,
-    )
-    p_state = export_state_dict(model)
+    if checkpoint is not None:
+        p_state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model = CoTAPVisionTransformer.from_checkpoint(p_state).to(cfg.device)
+    else:
+        if cfg.stage1 == "supervised":
+            images, labels = object_centric_images(
+                paths.objects, paths.backgrounds, cfg, seed, cfg.stage1_image_size
+            )
+            model = train_supervised(model, images, labels, cfg, seed)
+        else:
+            images, _ = object_centric_images(
+                paths.objects, paths.backgrounds, cfg, seed, cfg.scene_size
+            )
+            model = train_dino(
+                model, SceneImages(images), cfg, cfg.lr, seed, cfg.stage1_steps
+            )
+        p_state = export_state_dict(model)
+        save_atomic(p_state, out / "stage1" / f"seed{seed}.pth")
+    model.eval()
     neighbors = build_neighbors(p_state, data.images, cfg)
     report = {
         "init_scores": init_scores,
@@ -621,6 +807,8 @@ def stage2_task(
     method: str,
     p_state: dict[str, Any],
     neighbors: NeighborIndex,
+    out: Path,
+    save_model: bool,
 ) -> dict[str, Any]:
     """Stage 2: continues from P with one of the methods, then evaluates.
 
@@ -634,7 +822,7 @@ def stage2_task(
     if method in ("a_dino", "d_densecl"):
         train = train_dino if method == "a_dino" else train_densecl
         model = train(
-            CoTAPVisionTransformer.from_checkpoint(p_state).train(),
+            CoTAPVisionTransformer.from_checkpoint(p_state).to(cfg.device).train(),
             data.images,
             cfg,
             lr,
@@ -651,7 +839,19 @@ def stage2_task(
             data.images, transform=transform(cfg), seed=seed, **positives
         )
         weight = 0.0 if method == "c_cotap_no_rank" else 1.0
-        model, terms = train_cotap(p_state, pairs, cfg, lr, seed, cotap_weight=weight)
+        model, terms = train_cotap(
+            p_state,
+            pairs,
+            cfg,
+            lr,
+            seed,
+            cotap_weight=weight,
+            use_filter=method != "e_cotap_no_filter",
+        )
+    if save_model and method in PCA_METHODS:
+        save_atomic(
+            export_state_dict(model), out / "models" / f"seed{seed}_{method}.pth"
+        )
     return {
         "scores": evaluate(model, data, cfg, seed),
         "loss_terms": terms,
@@ -665,7 +865,13 @@ def _init_worker(threads: int) -> None:
 
 
 def run(
-    paths: Paths, cfg: Config, seeds: list[int], methods: list[str], jobs: int
+    paths: Paths,
+    cfg: Config,
+    seeds: list[int],
+    methods: list[str],
+    jobs: int,
+    checkpoint: Path | None,
+    out: Path,
 ) -> dict[int, dict[str, Any]]:
     """Runs every (seed, stage) task on ``jobs`` single-threaded worker processes.
 
@@ -678,7 +884,8 @@ def run(
         jobs, mp_context=context, initializer=_init_worker, initargs=(1,)
     ) as pool:
         pending: dict[Future[Any], tuple[int, str]] = {
-            pool.submit(stage1_task, paths, cfg, seed): (seed, "P") for seed in seeds
+            pool.submit(stage1_task, paths, cfg, seed, checkpoint, out): (seed, "P")
+            for seed in seeds
         }
         total = len(seeds) * (1 + len(methods))
         with tqdm(total=total, desc="dense quality", unit="run") as bar:
@@ -692,7 +899,15 @@ def run(
                         # CoTAP runs first: the slowest tasks should not be last.
                         for name in sorted(methods, key=lambda m: "cotap" not in m):
                             task = pool.submit(
-                                stage2_task, paths, cfg, seed, name, p_state, neighbors
+                                stage2_task,
+                                paths,
+                                cfg,
+                                seed,
+                                name,
+                                p_state,
+                                neighbors,
+                                out,
+                                seed == seeds[0],
                             )
                             pending[task] = (seed, name)
                     else:
@@ -709,21 +924,87 @@ def run(
     return results
 
 
-def table(results: dict[int, dict[str, Any]], methods: list[str]) -> str:
+def per_seed_scores(
+    results: dict[int, dict[str, Any]], rows: list[str]
+) -> dict[str, dict[str, list[float]]]:
+    """``{row: {metric: [per-seed mIoU in percent]}}``."""
+    return {
+        row: {
+            metric: [100 * r[row]["scores"][metric] for r in results.values()]
+            for metric in METRICS
+        }
+        for row in rows
+    }
+
+
+def gate(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """P's margins over the random initialisation and the verdict.
+
+    Returns:
+        ``margins`` ({metric: [per-seed points]}), ``mean_margins``, ``required``
+        (:data:`GATE`), ``per_seed_passed`` and ``passed`` (mean margins >= GATE).
+    """
+    margins = {
+        metric: [
+            100 * (r["P"]["scores"][metric] - r["R"]["scores"][metric])
+            for r in results.values()
+        ]
+        for metric in GATE
+    }
+    means = {metric: statistics.mean(v) for metric, v in margins.items()}
+    per_seed = [
+        all(margins[m][i] >= GATE[m] for m in GATE) for i in range(len(results))
+    ]
+    return {
+        "margins": margins,
+        "mean_margins": means,
+        "required": dict(GATE),
+        "per_seed_passed": dict(zip([str(s) for s in results], per_seed)),
+        "passed": all(means[m] >= GATE[m] for m in GATE),
+    }
+
+
+def gate_text(verdict: dict[str, Any]) -> str:
+    parts = [
+        f"{METRIC_NAMES[m]} {verdict['mean_margins'][m]:+.1f} (needs +{GATE[m]:.0f}; "
+        + "per seed "
+        + ", ".join(f"{v:+.1f}" for v in verdict["margins"][m])
+        + ")"
+        for m in GATE
+    ]
+    sides = ", ".join(
+        f"seed {seed} {'above' if ok else 'below'}"
+        for seed, ok in verdict["per_seed_passed"].items()
+    )
+    status = "PASSED" if verdict["passed"] else "NOT PASSED"
+    return (
+        f"Gate (P minus random initialisation, mean over seeds): {status}: "
+        + "; ".join(parts)
+        + f". Per seed: {sides}. "
+        + (
+            "Stage 2 starts from an object-aware P."
+            if verdict["passed"]
+            else "Stage 2 starts below the gate: its rows do not test CoTAP's claim."
+        )
+    )
+
+
+def table(results: dict[int, dict[str, Any]], methods: list[str], p_label: str) -> str:
     """Markdown table: mean +- std (over seeds) of the mIoU in percent."""
+    labels = {**LABELS, "P": p_label}
     lines = [
         "| model | "
         + " | ".join(f"{METRIC_NAMES[m]} mIoU (%)" for m in METRICS)
         + " |",
         "|---|" + "---:|" * len(METRICS),
     ]
-    for method in ["R", "P", *methods]:
+    for method, scores in per_seed_scores(results, ["R", "P", *methods]).items():
         cells = []
         for metric in METRICS:
-            values = [100 * r[method]["scores"][metric] for r in results.values()]
+            values = scores[metric]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
-        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -785,24 +1066,99 @@ def diagnostics(results: dict[int, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+@torch.no_grad()
+def pca_figure(
+    paths: Paths, cfg: Config, seed: int, out: Path, p_label: str, count: int = 4
+) -> Path | None:
+    """PCA-RGB of the dense features of P, (a) and (b) on ``count`` test scenes.
+
+    One PCA per model, fitted jointly over the shown scenes; columns: input, P,
+    (a), (b). Returns None when a model file is missing.
+    """
+    files = [out / "stage1" / f"seed{seed}.pth"] + [
+        out / "models" / f"seed{seed}_{m}.pth" for m in PCA_METHODS
+    ]
+    if not all(f.is_file() for f in files):
+        return None
+    data = seed_data(paths.objects, paths.backgrounds, cfg, seed)
+    images = torch.stack([image for image, _ in data.test[:count]])
+    columns = [
+        to_uint8_images(
+            images, mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"]
+        )
+    ]
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        model = CoTAPVisionTransformer.from_checkpoint(state).eval()
+        size = (images.shape[-2], images.shape[-1])
+        columns.append(pca_rgb(model(images).dense, size=size))
+    titles = ["input", p_label.split(" (")[0], LABELS["a_dino"], LABELS["b_cotap"]]
+    rows = [[column[i] for column in columns] for i in range(len(images))]
+    path = out / "pca.png"
+    save_image_grid(rows, path, cell_size=(128, 128))
+    add_column_titles(path, titles, cell_width=128, padding=2)
+    return path
+
+
+def add_column_titles(
+    path: Path, titles: list[str], cell_width: int, padding: int
+) -> None:
+    """Adds a white strip with one title per grid column on top of a PNG."""
+    from PIL import Image, ImageDraw
+
+    grid = Image.open(path).convert("RGB")
+    canvas = Image.new("RGB", (grid.width, grid.height + 16), "white")
+    canvas.paste(grid, (0, 16))
+    draw = ImageDraw.Draw(canvas)
+    for column, title in enumerate(titles):
+        draw.text((padding + column * (cell_width + padding) + 2, 2), title, "black")
+    canvas.save(path)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--objects", type=Path, default=CACHE / "objects")
     parser.add_argument("--backgrounds", type=Path, default=CACHE / "backgrounds")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="Sizes of the run: 'cpu' (<= 60 min on 2 cores), 'gpu' (one GPU, "
+        "larger ViT and images), 'quick' (smoke run).",
+    )
+    parser.add_argument("--quick", action="store_true", help="Same as --preset quick.")
+    parser.add_argument(
+        "--stage1",
+        choices=("supervised", "dino"),
+        default=None,
+        help="Stage-1 objective (default: the preset's, supervised).",
+    )
+    parser.add_argument(
+        "--stage1-checkpoint",
+        type=Path,
+        default=None,
+        help="Start every seed from this P (e.g. OUT/stage1/seed0.pth) instead of "
+        "training stage 1.",
+    )
     parser.add_argument("--stage1-steps", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps.")
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=METHODS[1:],
-        default=list(METHODS[1:]),
+        choices=STAGE2_METHODS,
+        default=list(DEFAULT_METHODS),
         help="Stage-2 runs.",
     )
     parser.add_argument(
-        "--jobs", type=int, default=2, help="Worker processes (1 thread each)."
+        "--jobs",
+        type=int,
+        default=None,
+        help="Worker processes (1 thread each on the CPU; default 2, 1 on a GPU).",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", type=Path, default=Path("outputs/dense_quality"))
     args = parser.parse_args()
     for name in ("objects", "backgrounds"):
@@ -811,40 +1167,68 @@ def main() -> None:
                 f"--{name} {getattr(args, name)} is not a folder; run "
                 "benchmarks/prepare_copy_paste_scenes.py first."
             )
-    cfg = QUICK if args.quick else Config()
-    if args.stage1_steps is not None:
-        cfg.stage1_steps = args.stage1_steps
-    if args.steps is not None:
-        cfg.steps = args.steps
+    if args.stage1_checkpoint is not None and not args.stage1_checkpoint.is_file():
+        parser.error(f"--stage1-checkpoint {args.stage1_checkpoint} is not a file.")
+    cfg = copy.deepcopy(PRESETS["quick" if args.quick else args.preset])
+    for field, value in (
+        ("stage1", args.stage1),
+        ("stage1_steps", args.stage1_steps),
+        ("steps", args.steps),
+    ):
+        if value is not None:
+            setattr(cfg, field, value)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs a CUDA device.")
+    jobs = args.jobs or (1 if cfg.device == "cuda" else 2)
     seeds = args.seeds[:1] if args.quick else args.seeds
     paths = Paths(args.objects, args.backgrounds)
+    p_label = STAGE1_LABELS[
+        "checkpoint" if args.stage1_checkpoint is not None else cfg.stage1
+    ]
     start = time.perf_counter()
-    results = run(paths, cfg, seeds, args.methods, args.jobs)
+    results = run(
+        paths, cfg, seeds, args.methods, jobs, args.stage1_checkpoint, args.out
+    )
     seconds = time.perf_counter() - start
+    verdict = gate(results)
+    device = (
+        torch.cuda.get_device_name() if cfg.device == "cuda" else f"{jobs} processes"
+    )
     header = (
         f"Dense quality on copy-paste scenes, {len(seeds)} seed(s), stage 1 "
-        f"{cfg.stage1_steps} steps, stage 2 {cfg.steps} steps, {cfg.arch} depth "
-        f"{cfg.depth} patch {cfg.patch_size}, {cfg.global_crop}px crops, "
-        f"{seconds / 60:.1f} min ({args.jobs} processes)"
+        f"{cfg.stage1} {cfg.stage1_steps} steps, stage 2 {cfg.steps} steps, "
+        f"{cfg.arch} depth {cfg.depth} patch {cfg.patch_size}, {cfg.global_crop}px "
+        f"crops, {seconds / 60:.1f} min ({device})"
     )
     text = "\n\n".join(
         part
         for part in (
             header,
-            table(results, args.methods),
+            gate_text(verdict),
+            table(results, args.methods, p_label),
             paired_differences(results, args.methods),
             diagnostics(results),
         )
         if part
     )
     print(text)
+    figure = pca_figure(paths, cfg, seeds[0], args.out, p_label)
+    if figure is not None:
+        print(f"PCA figure: {figure}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text + "\n")
+    rows = ["R", "P", *args.methods]
     (args.out / "results.json").write_text(
         json.dumps(
             {
                 "config": asdict(cfg),
+                "stage1": p_label,
+                "stage1_checkpoint": None
+                if args.stage1_checkpoint is None
+                else str(args.stage1_checkpoint),
                 "seeds": seeds,
+                "gate": verdict,
+                "rows": per_seed_scores(results, rows),
                 "results": {str(seed): r for seed, r in results.items()},
                 "seconds": seconds,
             },
