@@ -1,4 +1,4 @@
-"""Image-level kNN benchmark of the related methods against their base methods (issue 6).
+"""Image-level kNN benchmark of the related methods against their base methods.
 
 Each method is trained from the same initialisation, with the same batch size, number
 of steps and optimiser as its base method, on real labelled photos, and evaluated by

@@ -7,8 +7,9 @@ Steps (each skipped when its output already exists):
    unpack them with ``dpkg -x`` into ``CACHE/root`` (no system install, no root
    needed; the 184 MB of Tux Paint sounds and, unless ``--keep-debs``, the 288 MB of
    .deb files are deleted afterwards);
-2. build ``CACHE/objects/<class>/*.png`` (the 7 classes and photo filter of
-   ``shared/research/data.md`` §4) and ``CACHE/backgrounds/*.jpg`` (21 photos);
+2. build ``CACHE/objects/<class>/*.png`` (the 7 classes of ``TUXPAINT_CLASSES`` and
+   the photo filter of ``is_photo_cutout``) and ``CACHE/backgrounds/*.jpg`` (21
+   photos);
 3. write ``OUT/train`` and ``OUT/test`` with ``images/`` and ``masks/`` folders
    (PNG masks: 0 = background, 1..7 = classes), with disjoint objects and
    backgrounds.
