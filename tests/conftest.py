@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,3 +70,40 @@ def copy_paste_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     for name in GRAY_BACKGROUNDS:
         Image.fromarray(getattr(skimage.data, name)()).save(backgrounds / f"{name}.png")
     return objects, backgrounds
+
+
+_mm_logger_names = itertools.count()
+
+
+class MMLogCapture(logging.Handler):
+    """Collects the records of an MMLogger."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int) -> list[str]:
+        """The messages logged at ``level``."""
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+
+@pytest.fixture
+def mm_log() -> Iterator[MMLogCapture]:
+    """What mmengine's ``print_log(logger="current")`` logs during a test.
+
+    A fresh MMLogger becomes the current one (as a Runner's does) and collects
+    every record it handles.
+    """
+    pytest.importorskip("mmengine")
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_instance(
+        f"test-{next(_mm_logger_names)}", log_level="WARNING"
+    )
+    capture = MMLogCapture()
+    logger.addHandler(capture)
+    yield capture
+    logger.removeHandler(capture)
