@@ -5,6 +5,8 @@ Subcommands register themselves in :data:`SUBCOMMANDS` as
 
     lightly-cotap train                       # demo on the embedded photos (CPU)
     lightly-cotap train --data DIR --init dino_deitsmall16_pretrain.pth
+    lightly-cotap mmseg-config --data SEG --checkpoint cotap_run/backbone.pth \\
+        --output seg.py                       # then mmseg's tools/train.py seg.py
 """
 
 from __future__ import annotations
@@ -12,6 +14,27 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with ``(default: X)`` after every option that has a default.
+
+    Left as written: options without a default (required, ``None``, an empty
+    list, flags that are off) and help texts that already name their default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if (
+            action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or "default" in (action.help or "").lower()
+        ):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +61,18 @@ def _run_eval(args: argparse.Namespace) -> Any:
     return run_eval_command(args)
 
 
+def _add_mmseg_config(parser: argparse.ArgumentParser) -> None:
+    from lightly_cotap.mmseg_config import add_mmseg_config_arguments
+
+    add_mmseg_config_arguments(parser)
+
+
+def _run_mmseg_config(args: argparse.Namespace) -> Any:
+    from lightly_cotap.mmseg_config import run_mmseg_config_command
+
+    return run_mmseg_config_command(args)
+
+
 #: name -> (help text, function adding the arguments, function running it).
 SUBCOMMANDS: dict[
     str,
@@ -58,6 +93,12 @@ SUBCOMMANDS: dict[
         _add_eval,
         _run_eval,
     ),
+    "mmseg-config": (
+        "Write an mmsegmentation config that fine-tunes or linearly probes an "
+        "exported backbone on image + mask folders (then: mmseg's tools/train.py).",
+        _add_mmseg_config,
+        _run_mmseg_config,
+    ),
 }
 
 
@@ -74,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
         add_arguments(
-            subparsers.add_parser(name, help=help_text, description=help_text)
+            subparsers.add_parser(
+                name,
+                help=help_text,
+                description=help_text,
+                formatter_class=HelpFormatter,
+            )
         )
     return parser
 
