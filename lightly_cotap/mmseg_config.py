@@ -46,7 +46,8 @@ DEFAULT_ITERS = {"linear": 20000, "fcn": 40000, "upernet": 40000}
 #: Images per GPU of the shipped configs; CPU runs use 2.
 GPU_BATCH_SIZE = {"linear": 8, "fcn": 4, "upernet": 4}
 CPU_BATCH_SIZE = 2
-#: Warm-up of the fine-tuning schedules (iterations), at most a tenth of the run.
+#: Warm-up of the fine-tuning schedules (iterations), at most a tenth of the run
+#: (but 2, the shortest that reaches the base rate).
 WARMUP_ITERS = 1500
 #: Mask value that is not scored (mmseg's default ignore_index).
 IGNORE_INDEX = 255
@@ -481,7 +482,8 @@ def render_config(
     ]
     if head != "linear":
         lines += [
-            f"warmup_iters = min({WARMUP_ITERS}, max_iters // 10)",
+            "# LinearLR reaches the base rate at its last iteration: at least 2",
+            f"warmup_iters = max(2, min({WARMUP_ITERS}, max_iters // 10))",
             "param_scheduler = [",
             '    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, '
             "end=warmup_iters),",

@@ -72,6 +72,43 @@ def copy_paste_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     return objects, backgrounds
 
 
+#: scikit-image photos of the brightness segmentation set, per split.
+BRIGHTNESS_PHOTOS = {
+    "train": ["astronaut", "chelsea", "coffee", "rocket"],
+    "val": ["immunohistochemistry", "hubble_deep_field"],
+}
+
+
+@pytest.fixture(scope="session")
+def brightness_segmentation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos + 3-class brightness masks in ``images/`` + ``masks/`` folders.
+
+    ``images/{train,val}/<name>.jpg`` (96 px short side) and
+    ``masks/{train,val}/<name>.png``: the class of a pixel is the tercile of the
+    blurred grey value in its image (0 dark, 1 medium, 2 bright), with a 2-pixel
+    ignore (255) border. Read-only: copy it to change it.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    root = tmp_path_factory.mktemp("brightness")
+    for split, names in BRIGHTNESS_PHOTOS.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for name in names:
+            image = Image.fromarray(getattr(skimage.data, name)()[..., :3])
+            scale = 96 / min(image.size)
+            image = image.resize(
+                (round(image.width * scale), round(image.height * scale)),
+                Image.Resampling.BILINEAR,
+            )
+            image.save(root / "images" / split / f"{name}.jpg")
+            grey = gaussian_filter(np.asarray(image.convert("L"), np.float64), 2.0)
+            mask = np.digitize(grey, np.quantile(grey, [1 / 3, 2 / 3])).astype(np.uint8)
+            mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = 255, 255, 255, 255
+            Image.fromarray(mask).save(root / "masks" / split / f"{name}.png")
+    return root
+
+
 _mm_logger_names = itertools.count()
 
 

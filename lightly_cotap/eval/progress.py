@@ -60,6 +60,7 @@ class LineProgress:
         self.interval = LINE_INTERVAL if interval is None else interval
         self.file = file
         self._start = self._last = time.monotonic()
+        self._printed = -1  # steps of the last line
         self._closed = False
         self._print()
 
@@ -83,13 +84,15 @@ class LineProgress:
             self._print()
 
     def close(self) -> None:
-        """Prints the last line (once)."""
+        """Prints the last line, unless it is printed already."""
         if not self._closed:
             self._closed = True
-            self._print()
+            if self._printed != self.n:
+                self._print()
 
     def _print(self) -> None:
         self._last = time.monotonic()
+        self._printed = self.n
         done = f"{self.n}/{self.total}" if self.total else str(self.n)
         if self.total:
             done += f" ({100 * self.n / self.total:.0f}%)"

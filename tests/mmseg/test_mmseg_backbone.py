@@ -108,6 +108,24 @@ def test_equivalence_with_plugin(
         assert (out - expected).abs().max() <= 1e-5
 
 
+def test_mmseg_format_loads_into_the_plugin(
+    plugin: CoTAPVisionTransformer, exports: dict[str, str]
+) -> None:
+    from lightly_cotap.export import build_model_from_checkpoint, load_backbone
+
+    x = _images()
+    with torch.no_grad():
+        ref = plugin(x).dense
+    for model in (
+        load_backbone(exports["mmseg"]),
+        build_model_from_checkpoint(exports["mmseg"]),  # what `eval` uses
+        build_model_from_checkpoint(exports["mmseg"], prefix="backbone.model.vit."),
+    ):
+        assert model.get_meta() == plugin.get_meta()
+        with torch.no_grad():
+            assert torch.equal(model(x).dense, ref)
+
+
 def test_mmpretrain_prefix_and_stock_mmengine_loader(
     plugin: CoTAPVisionTransformer, exports: dict[str, str]
 ) -> None:

@@ -291,3 +291,41 @@ def test_compat_when_mmcv_ops_still_fails(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_backbone_is_registered() -> None:
     assert MODELS.get("CoTAPViT") is CoTAPViT
+
+
+# -- the QuietRunner's filters ----------------------------------------------------
+
+
+def test_irrelevant_log_filter_drops_only_the_listed_warnings() -> None:
+    from lightly_cotap.mmseg.runner import IRRELEVANT_LOG_MESSAGES, IrrelevantLogFilter
+
+    def record(level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord("mmengine", level, __file__, 1, message, None, None)
+
+    keep = IrrelevantLogFilter().filter
+    assert len(IRRELEVANT_LOG_MESSAGES) == 3
+    for message, _ in IRRELEVANT_LOG_MESSAGES:
+        assert not keep(record(logging.WARNING, message + " and more"))
+        assert keep(record(logging.INFO, message))  # only warnings are dropped
+    assert keep(record(logging.WARNING, "CoTAPViT is frozen but has no init_cfg"))
+
+
+def test_irrelevant_python_warnings_are_ignored_by_module_and_message() -> None:
+    import warnings
+
+    from lightly_cotap.mmseg.runner import (
+        IRRELEVANT_WARNINGS,
+        ignore_irrelevant_warnings,
+    )
+
+    assert len(IRRELEVANT_WARNINGS) == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ignore_irrelevant_warnings()
+        for module, message, _ in IRRELEVANT_WARNINGS:
+            warnings.warn_explicit(message + " ...", UserWarning, "x.py", 1, module)
+            # the same text from another module, and another text, still show
+            warnings.warn_explicit(message, UserWarning, "x.py", 1, "my_module")
+            warnings.warn_explicit("other", UserWarning, "x.py", 1, module)
+    assert len(caught) == 2 * len(IRRELEVANT_WARNINGS)
+    assert {w.filename for w in caught} == {"x.py"}
