@@ -18,6 +18,29 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: PIL modes of single-channel masks (``P``: palette PNGs, read as indices).
+MASK_MODES = ("L", "P", "I", "I;16")
+
+
+def read_mask_values(path: str | Path) -> set[int]:
+    """The values (class ids) in a mask file.
+
+    Args:
+        path: A single-channel mask image.
+
+    Returns:
+        The distinct pixel values.
+
+    Raises:
+        ValueError: If the mask is not single-channel.
+    """
+    with Image.open(path) as mask:
+        if mask.mode not in MASK_MODES:
+            raise ValueError(
+                f"mask {str(path)!r} is a {mask.mode} image; masks must be "
+                "single-channel images of class ids (or palette PNGs)."
+            )
+        return {int(v) for v in np.unique(np.asarray(mask))}
 
 
 def imagenet_mean_std() -> tuple[list[float], list[float]]:
@@ -141,7 +164,7 @@ class SegmentationFolder(Dataset[tuple[Tensor, Tensor]]):
         image_path, mask_path = self.samples[index]
         image: Image.Image = Image.open(image_path).convert("RGB")
         mask: Image.Image = Image.open(mask_path)
-        if mask.mode not in ("L", "P", "I", "I;16"):
+        if mask.mode not in MASK_MODES:
             mask = mask.convert("L")
         if self.image_size is not None:
             size = (self.image_size[1], self.image_size[0])

@@ -93,6 +93,10 @@ def test_config_fits_export_data_machine_and_schedule(
     # inherits the shipped pieces
     text = (tmp_path / "seg.py").read_text()
     assert f"mmseg_configs/_base_/models/{head}_cotap-vit-s16.py" in text
+    assert (
+        "position embedding trained at 32x32 px, resampled by CoTAPViT for the "
+        "64x64 crop"
+    ) in text
     assert cfg.runner_type == "QuietRunner"
     # the export's architecture, widths and prototypes
     backbone = cfg.model.backbone
@@ -177,9 +181,9 @@ def _broken_data(root: Path, tmp_path: Path, case: str) -> Path:
         (data / "classes.json").write_text("{not json")
     elif case in ("only_ignore", "one_class"):
         for mask_path in (data / "masks").rglob("*.png"):
-            mask = np.asarray(Image.open(mask_path))
+            labels = np.asarray(Image.open(mask_path))
             value = 255 if case == "only_ignore" else 0
-            Image.fromarray(np.full_like(mask, value)).save(mask_path)
+            Image.fromarray(np.full_like(labels, value)).save(mask_path)
     return data
 
 
