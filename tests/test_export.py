@@ -172,13 +172,16 @@ def test_cli_converts_lightning_checkpoint(tmp_path: Path, no_network: None) -> 
     assert _max_abs_diff(student, load_backbone(again)) == 0.0
 
 
-def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
+def _cotap_module_checkpoint(path: Path, img_size: int) -> CoTAPVisionTransformer:
+    """Writes a CoTAPModule checkpoint in Lightning's layout (weights +
+    ``save_hyperparameters()``) and returns its student backbone.
+    """
     from lightly_cotap.train import CoTAPModule
 
     torch.manual_seed(0)
     module = CoTAPModule(
         "vit_tiny_patch16_224",
-        backbone_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=48),
+        backbone_kwargs=dict(img_size=img_size, patch_size=8, depth=2, embed_dim=48),
         num_prototypes=5,
         head_hidden_dim=16,
         head_bottleneck_dim=8,
@@ -186,18 +189,23 @@ def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
         cls_prototypes=8,
         max_steps=1,
     )
-    _trained_like(module.student.backbone)
-    path = tmp_path / "last.ckpt"
-    # The layout of a Lightning checkpoint (weights + save_hyperparameters()).
+    student: CoTAPVisionTransformer = module.student.backbone
+    _trained_like(student)
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
         path,
     )
+    return student
+
+
+def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    student = _cotap_module_checkpoint(path, img_size=32)
     model = build_model_from_checkpoint(path, img_size=48)
     assert (model.patch_size, len(model.vit.blocks), model.num_prototypes) == (8, 2, 5)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        expected = module.student.backbone.eval()(x).dense
+        expected = student.eval()(x).dense
         torch.testing.assert_close(model(x).dense, expected)
 
 
@@ -226,28 +234,6 @@ def test_errors(tmp_path: Path) -> None:
         ValueError, match=r"checkpoint shape \(1, 1, 192\) vs model shape \(1, 1, 96\)"
     ):
         other.load_pretrained(tmp_path / "tiny.pth")
-
-
-def _cotap_module_checkpoint(path: Path, img_size: int) -> Any:
-    from lightly_cotap.train import CoTAPModule
-
-    torch.manual_seed(0)
-    module = CoTAPModule(
-        "vit_tiny_patch16_224",
-        backbone_kwargs=dict(img_size=img_size, patch_size=8, depth=2, embed_dim=48),
-        num_prototypes=5,
-        head_hidden_dim=16,
-        head_bottleneck_dim=8,
-        patch_prototypes=8,
-        cls_prototypes=8,
-        max_steps=1,
-    )
-    _trained_like(module.student.backbone)
-    torch.save(
-        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
-        path,
-    )
-    return module.student.backbone
 
 
 def test_export_keeps_the_trained_position_embedding(

@@ -23,7 +23,6 @@ folder), ``render`` (the config text), ``command`` (options and run).
 
 from lightly_cotap.mmseg_config.command import (
     add_mmseg_config_arguments,
-    main,
     run_mmseg_config,
     run_mmseg_config_command,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "MMSegConfigError",
     "add_mmseg_config_arguments",
     "level_indices",
-    "main",
     "render_config",
     "run_mmseg_config",
     "run_mmseg_config_command",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -265,29 +265,3 @@ def run_mmseg_config_command(args: argparse.Namespace) -> Path:
     except MMSegConfigError as ex:
         sys.stderr.write(f"lightly-cotap mmseg-config: error: {ex}\n")
         raise SystemExit(2) from ex
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command on its own (``python -m lightly_cotap.mmseg_config``).
-
-    Args:
-        argv: Arguments (defaults to ``sys.argv[1:]``).
-
-    Returns:
-        Exit code 0 (2 on a user error, via SystemExit).
-    """
-    from lightly_cotap.cli import HelpFormatter
-
-    parser = add_mmseg_config_arguments(
-        argparse.ArgumentParser(
-            prog="lightly-cotap mmseg-config",
-            description="Write an mmseg config for a backbone and a data folder.",
-            formatter_class=HelpFormatter,
-        )
-    )
-    run_mmseg_config_command(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
