@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -107,9 +108,18 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
             return dict(meta)
         return build_model_from_checkpoint(path).get_meta()
     except ValueError as ex:
+        hint = (
+            "\nExport timm / DINO weights first: python -m lightly_cotap.export "
+            "--checkpoint IN --arch NAME --output OUT"
+            if "--arch" in str(ex)
+            else ""
+        )
+        raise MMSegConfigError(f"--checkpoint {str(path)!r}: {ex}{hint}") from ex
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as ex:
+        # what torch.load raises for files that are no torch checkpoint at all
         raise MMSegConfigError(
-            f"--checkpoint {str(path)!r}: {ex}\nExport timm / DINO weights first: "
-            "python -m lightly_cotap.export --checkpoint IN --arch NAME --output OUT"
+            f"--checkpoint {str(path)!r} is not a readable PyTorch checkpoint "
+            f"({type(ex).__name__}: {ex})."
         ) from ex
 
 
@@ -143,6 +153,8 @@ def run_mmseg_config(args: argparse.Namespace) -> Path:
     iters = DEFAULT_ITERS[args.head] if args.iters is None else args.iters
     if iters < 1:
         raise MMSegConfigError(f"--iters must be positive, got {iters}.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise MMSegConfigError(f"--batch-size must be positive, got {args.batch_size}.")
     output = Path(args.output)
     if output.suffix != ".py":
         raise MMSegConfigError(f"--output must be a .py file, got {args.output!r}.")
@@ -169,11 +181,9 @@ def run_mmseg_config(args: argparse.Namespace) -> Path:
             file=sys.stderr,
         )
     gpu = _use_gpu(args.device)
-    batch_size = args.batch_size or (
-        GPU_BATCH_SIZE[args.head] if gpu else CPU_BATCH_SIZE
-    )
-    if batch_size < 1:
-        raise MMSegConfigError(f"--batch-size must be positive, got {batch_size}.")
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = GPU_BATCH_SIZE[args.head] if gpu else CPU_BATCH_SIZE
     text = render_config(
         data=data,
         checkpoint=Path(args.checkpoint).resolve(),

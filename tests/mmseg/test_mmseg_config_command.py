@@ -265,6 +265,22 @@ def test_option_errors(
     assert _user_error(capsys, *args, *out) == (
         f"--checkpoint '{missing}' is not a file."
     )
+    assert _user_error(capsys, *base, *out, "--batch-size", "0") == (
+        "--batch-size must be positive, got 0."
+    )
+    text_file = tmp_path / "notes.pth"
+    text_file.write_text("not a checkpoint")
+    args = ["--data", str(brightness_segmentation), "--checkpoint", str(text_file)]
+    error = _user_error(capsys, *args, *out)
+    assert error.startswith(f"--checkpoint '{text_file}': Could not load")
+    assert "Export" not in error
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(export.read_bytes()[:1000])
+    args = ["--data", str(brightness_segmentation), "--checkpoint", str(truncated)]
+    assert _user_error(capsys, *args, *out).startswith(
+        f"--checkpoint '{truncated}' is not a readable PyTorch checkpoint "
+        "(RuntimeError: PytorchStreamReader failed"
+    )
     plain = tmp_path / "plain.pth"
     vit = CoTAPVisionTransformer("vit_tiny_patch16_224", use_filter=False)
     torch.save(vit.vit.state_dict(), plain)
