@@ -76,6 +76,18 @@ def test_round_trip_timm_name(
         assert torch.equal(loaded.prototypes, model.prototypes)
 
 
+def test_round_trip_non_default_mlp_ratio_and_qkv_bias(tmp_path: Path) -> None:
+    model = _trained_like(
+        CoTAPVisionTransformer(
+            "vit_tiny_patch16_224", img_size=32, depth=2, mlp_ratio=2.0, qkv_bias=False
+        )
+    )
+    export_backbone(model, tmp_path / "backbone.pth")
+    loaded = load_backbone(tmp_path / "backbone.pth")
+    assert loaded.get_meta() == model.get_meta()
+    assert _max_abs_diff(model, loaded) == 0.0
+
+
 def test_round_trip_custom_vit_with_registers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     vit = VisionTransformer(

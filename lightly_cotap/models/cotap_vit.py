@@ -436,8 +436,9 @@ class CoTAPVisionTransformer(nn.Module):
     def from_meta(cls, meta: Mapping[str, Any]) -> CoTAPVisionTransformer:
         """Builds an (untrained) model from a :meth:`get_meta` dict.
 
-        Uses ``timm.create_model(meta["arch"], ...)`` with the stored structure when
-        the architecture name is known, else a generic timm ``VisionTransformer``.
+        Uses ``timm.create_model(meta["arch"], ...)`` with the stored structure
+        (:func:`timm_overrides`) when the architecture name is known, else a timm
+        ``VisionTransformer``.
 
         Args:
             meta: The architecture description.
@@ -475,34 +476,19 @@ class CoTAPVisionTransformer(nn.Module):
         import timm
         from timm.models.vision_transformer import VisionTransformer
 
-        structure: dict[str, Any] = dict(
-            img_size=tuple(meta["img_size"]),
-            patch_size=int(meta["patch_size"]),
-            embed_dim=int(meta["embed_dim"]),
-            depth=int(meta["depth"]),
-            num_heads=int(meta["num_heads"]),
-            qkv_bias=bool(meta["qkv_bias"]),
-            reg_tokens=int(meta["num_reg_tokens"]),
-            no_embed_class=bool(meta["no_embed_class"]),
-            class_token=True,
-            init_values=1e-5 if meta["layer_scale"] else None,
-        )
+        # The name's defaults (a plain VisionTransformer's without a name) plus what
+        # differs from them, e.g. the train demo's patch size or a custom mlp_ratio.
         arch = meta.get("arch")
+        options: dict[str, Any] = dict(
+            num_classes=0,
+            dynamic_img_size=True,
+            img_size=tuple(meta["img_size"]),
+            **timm_overrides(meta),
+        )
         if arch:
-            vit = timm.create_model(
-                arch,
-                pretrained=False,
-                num_classes=0,
-                dynamic_img_size=True,
-                **structure,
-            )
+            vit = timm.create_model(arch, pretrained=False, **options)
         else:
-            vit = VisionTransformer(
-                num_classes=0,
-                dynamic_img_size=True,
-                mlp_ratio=float(meta["mlp_ratio"]),
-                **structure,
-            )
+            vit = VisionTransformer(**options)
         model = cls(
             vit,
             use_filter=bool(meta["use_filter"]),
