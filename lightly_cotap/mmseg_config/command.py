@@ -150,6 +150,13 @@ def run_mmseg_config(args: argparse.Namespace) -> Path:
     Raises:
         MMSegConfigError: On a user error (checked before anything is written).
     """
+    try:
+        import mmseg
+    except ImportError as ex:
+        raise MMSegConfigError(
+            'mmseg-config needs mmsegmentation: pip install -e ".[mmseg,mmcv-lite]" '
+            "(CPU) or the full mmcv + the mmseg extra (GPU, see the README)."
+        ) from ex
     iters = DEFAULT_ITERS[args.head] if args.iters is None else args.iters
     if iters < 1:
         raise MMSegConfigError(f"--iters must be positive, got {iters}.")
@@ -205,8 +212,6 @@ def run_mmseg_config(args: argparse.Namespace) -> Path:
         tmp.unlink()
         raise
     tmp.replace(output)
-    import mmseg
-
     tools = Path(mmseg.__file__).parent / ".mim" / "tools"
     print(
         f"Wrote {output}. Train (mIoU on masks/val at every validation):\n"

@@ -299,6 +299,17 @@ def test_option_errors(
     assert (tmp_path / "seg.py").read_text() == "# my edits\n"
 
 
+def test_without_mmsegmentation(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "mmseg", None)  # import mmseg -> ImportError
+    args = ["--data", str(tmp_path), "--checkpoint", str(tmp_path / "x.pth")]
+    assert _user_error(capsys, *args, "--output", str(tmp_path / "seg.py")) == (
+        'mmseg-config needs mmsegmentation: pip install -e ".[mmseg,mmcv-lite]" '
+        "(CPU) or the full mmcv + the mmseg extra (GPU, see the README)."
+    )
+
+
 def test_level_indices() -> None:
     assert level_indices("linear", 1) == [0]
     assert level_indices("fcn", 12) == [7, 11]  # the shipped ViT-S/B configs
