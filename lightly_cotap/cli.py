@@ -7,6 +7,8 @@ and exits with code 2; ``--debug`` shows its traceback::
 
     lightly-cotap train                       # demo on the embedded photos (CPU)
     lightly-cotap train --data DIR --init dino_deitsmall16_pretrain.pth
+    lightly-cotap mmseg-config --data SEG --checkpoint cotap_run/backbone.pth \\
+        --output seg.py                       # then mmseg's tools/train.py seg.py
 """
 
 from __future__ import annotations
@@ -16,6 +18,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lightly_cotap.user_errors import add_debug_argument, run_command
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with ``(default: X)`` after every option that has a default.
+
+    Left as written: options without a default (required, ``None``, an empty
+    list, flags that are off) and help texts that already name their default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if (
+            action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default == []
+            or "default" in (action.help or "").lower()
+        ):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +65,18 @@ def _run_eval(args: argparse.Namespace) -> Any:
     return run_eval_command(args)
 
 
+def _add_mmseg_config(parser: argparse.ArgumentParser) -> None:
+    from lightly_cotap.mmseg_config import add_mmseg_config_arguments
+
+    add_mmseg_config_arguments(parser)
+
+
+def _run_mmseg_config(args: argparse.Namespace) -> Any:
+    from lightly_cotap.mmseg_config import run_mmseg_config_command
+
+    return run_mmseg_config_command(args)
+
+
 #: name -> (help text, function adding the arguments, function running it).
 SUBCOMMANDS: dict[
     str,
@@ -62,6 +97,12 @@ SUBCOMMANDS: dict[
         _add_eval,
         _run_eval,
     ),
+    "mmseg-config": (
+        "Write an mmsegmentation config that fine-tunes or linearly probes an "
+        "exported backbone on image + mask folders (then: mmseg's tools/train.py).",
+        _add_mmseg_config,
+        _run_mmseg_config,
+    ),
 }
 
 
@@ -77,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in SUBCOMMANDS.items():
-        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        subparser = subparsers.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         add_arguments(subparser)
         add_debug_argument(subparser)
     return parser

@@ -28,6 +28,7 @@ with the keys of the mmseg backbone (``backbone.model.*``, see
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -133,17 +134,21 @@ def build_model_from_checkpoint(
     prototype_size: int | None = None,
     prefix: str | None = None,
     checkpoint_key: str | None = None,
-    img_size: int = 224,
+    img_size: int | None = None,
     weights_only: bool = True,
 ) -> CoTAPVisionTransformer:
     """Builds a CoTAPVisionTransformer from any supported checkpoint file.
 
-    A lightly-cotap export is rebuilt from its ``meta``, and a Lightning checkpoint of
-    :class:`~lightly_cotap.train.cotap_module.CoTAPModule` from its hyper-parameters
-    (``backbone`` and ``backbone_kwargs``, e.g. a custom depth or patch size; the
-    student backbone is loaded). Otherwise ``arch`` (a timm name) is required; the
-    filter settings default to what the checkpoint holds (filter keys present ->
-    filter with their number / size of prototypes).
+    A lightly-cotap export (either format) is rebuilt from its ``meta``, and a
+    Lightning checkpoint of :class:`~lightly_cotap.train.cotap_module.CoTAPModule`
+    from its hyper-parameters (``backbone`` and ``backbone_kwargs``, e.g. a custom
+    depth or patch size; the student backbone is loaded). Otherwise ``arch`` (a
+    timm name) is required; the filter settings default to what the checkpoint
+    holds (filter keys present -> filter with their number / size of prototypes).
+
+    The position embedding keeps the grid it was trained at unless ``img_size``
+    asks for another one: an exported model is a faithful copy, and consumers
+    (e.g. the mmseg backbone) resample it for their input size and say so.
 
     Args:
         checkpoint_path: Input checkpoint.
@@ -154,7 +159,10 @@ def build_model_from_checkpoint(
         prototype_size: None = from the checkpoint (default 3).
         prefix: Backbone key prefix (auto-detected if None).
         checkpoint_key: Top-level sub-dict (auto-detected if None).
-        img_size: Image size of the position-embedding grid.
+        img_size: Image size of the position-embedding grid of a checkpoint
+            without ``meta``; None = the size it was trained at (the CoTAPModule
+            hyper-parameters, else the grid of the checkpoint's ``pos_embed``).
+            Exports keep their own size.
         weights_only: Use ``torch.load(weights_only=True)``.
 
     Returns:
@@ -166,8 +174,13 @@ def build_model_from_checkpoint(
     from lightly_cotap.models.utils import extract_backbone_state_dict
 
     checkpoint = load_checkpoint_file(checkpoint_path, weights_only=weights_only)
-    if isinstance(checkpoint.get("meta"), dict) and prefix is None:
-        return CoTAPVisionTransformer.from_checkpoint(checkpoint)
+    meta = checkpoint.get("meta")
+    if isinstance(meta, Mapping):
+        model = CoTAPVisionTransformer.from_meta(meta)
+        model.load_pretrained(
+            checkpoint, strict=True, prefix=prefix, checkpoint_key=checkpoint_key
+        )
+        return model.eval()
     backbone_kwargs: dict[str, Any] = {}
     hparams = checkpoint.get("hyper_parameters")
     if (
@@ -177,7 +190,6 @@ def build_model_from_checkpoint(
     ):
         arch = hparams["backbone"]
         backbone_kwargs = dict(hparams.get("backbone_kwargs") or {})
-        backbone_kwargs.pop("img_size", None)  # the position embedding is resampled
     if arch is None:
         raise ValueError(
             f"'{checkpoint_path}' is neither a lightly-cotap export (no 'meta') nor a "
@@ -192,19 +204,42 @@ def build_model_from_checkpoint(
     if prototypes is not None and prototypes.ndim == 4:
         num_prototypes = num_prototypes or int(prototypes.shape[0])
         prototype_size = prototype_size or int(prototypes.shape[-1])
-    model = CoTAPVisionTransformer(
-        arch,
-        use_filter=use_filter,
-        num_prototypes=num_prototypes or 64,
-        prototype_size=prototype_size or 3,
-        img_size=img_size,
-        **backbone_kwargs,
-    )
+    if img_size is not None:
+        backbone_kwargs["img_size"] = img_size
+
+    def build() -> CoTAPVisionTransformer:
+        return CoTAPVisionTransformer(
+            arch,
+            use_filter=use_filter,
+            num_prototypes=num_prototypes or 64,
+            prototype_size=prototype_size or 3,
+            **backbone_kwargs,
+        )
+
+    model = build()
+    if "img_size" not in backbone_kwargs:
+        trained = _trained_img_size(model, state_dict.get("pos_embed"))
+        if trained is not None and trained != tuple(model.vit.patch_embed.img_size):
+            backbone_kwargs["img_size"] = trained
+            model = build()
     report = model.load_pretrained(
         checkpoint, strict=True, prefix=prefix, checkpoint_key=checkpoint_key
     )
     print(report.summary(), file=sys.stderr)
     return model.eval()
+
+
+def _trained_img_size(
+    model: CoTAPVisionTransformer, pos_embed: torch.Tensor | None
+) -> tuple[int, int] | None:
+    """Image size of a square position-embedding grid, or None if not square."""
+    if pos_embed is None or pos_embed.ndim != 3:
+        return None
+    num_prefix = 0 if model.vit.no_embed_class else model.num_prefix_tokens
+    side = math.isqrt(max(int(pos_embed.shape[1]) - num_prefix, 0))
+    if side == 0 or side * side != pos_embed.shape[1] - num_prefix:
+        return None
+    return (side * model.patch_size, side * model.patch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,7 +271,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     filter_group.add_argument("--no-filter", dest="use_filter", action="store_false")
     parser.add_argument("--num-prototypes", type=int, default=None)
     parser.add_argument("--prototype-size", type=int, default=None)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="Position-embedding grid for checkpoints without meta (default: the "
+        "size the checkpoint was trained at).",
+    )
     parser.add_argument("--prefix", default=None, help="Backbone key prefix.")
     parser.add_argument("--checkpoint-key", default=None, help="Top-level sub-dict.")
     parser.add_argument(

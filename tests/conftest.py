@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,3 +70,77 @@ def copy_paste_inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     for name in GRAY_BACKGROUNDS:
         Image.fromarray(getattr(skimage.data, name)()).save(backgrounds / f"{name}.png")
     return objects, backgrounds
+
+
+#: scikit-image photos of the brightness segmentation set, per split.
+BRIGHTNESS_PHOTOS = {
+    "train": ["astronaut", "chelsea", "coffee", "rocket"],
+    "val": ["immunohistochemistry", "hubble_deep_field"],
+}
+
+
+@pytest.fixture(scope="session")
+def brightness_segmentation(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos + 3-class brightness masks in ``images/`` + ``masks/`` folders.
+
+    ``images/{train,val}/<name>.jpg`` (96 px short side) and
+    ``masks/{train,val}/<name>.png``: the class of a pixel is the tercile of the
+    blurred grey value in its image (0 dark, 1 medium, 2 bright), with a 2-pixel
+    ignore (255) border. Read-only: copy it to change it.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    root = tmp_path_factory.mktemp("brightness")
+    for split, names in BRIGHTNESS_PHOTOS.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "masks" / split).mkdir(parents=True)
+        for name in names:
+            image = Image.fromarray(getattr(skimage.data, name)()[..., :3])
+            scale = 96 / min(image.size)
+            image = image.resize(
+                (round(image.width * scale), round(image.height * scale)),
+                Image.Resampling.BILINEAR,
+            )
+            image.save(root / "images" / split / f"{name}.jpg")
+            grey = gaussian_filter(np.asarray(image.convert("L"), np.float64), 2.0)
+            mask = np.digitize(grey, np.quantile(grey, [1 / 3, 2 / 3])).astype(np.uint8)
+            mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = 255, 255, 255, 255
+            Image.fromarray(mask).save(root / "masks" / split / f"{name}.png")
+    return root
+
+
+_mm_logger_names = itertools.count()
+
+
+class MMLogCapture(logging.Handler):
+    """Collects the records of an MMLogger."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self, level: int) -> list[str]:
+        """The messages logged at ``level``."""
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+
+@pytest.fixture
+def mm_log() -> Iterator[MMLogCapture]:
+    """What mmengine's ``print_log(logger="current")`` logs during a test.
+
+    A fresh MMLogger becomes the current one (as a Runner's does) and collects
+    every record it handles.
+    """
+    pytest.importorskip("mmengine")
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_instance(
+        f"test-{next(_mm_logger_names)}", log_level="WARNING"
+    )
+    capture = MMLogCapture()
+    logger.addHandler(capture)
+    yield capture
+    logger.removeHandler(capture)

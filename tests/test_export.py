@@ -76,6 +76,18 @@ def test_round_trip_timm_name(
         assert torch.equal(loaded.prototypes, model.prototypes)
 
 
+def test_round_trip_non_default_mlp_ratio_and_qkv_bias(tmp_path: Path) -> None:
+    model = _trained_like(
+        CoTAPVisionTransformer(
+            "vit_tiny_patch16_224", img_size=32, depth=2, mlp_ratio=2.0, qkv_bias=False
+        )
+    )
+    export_backbone(model, tmp_path / "backbone.pth")
+    loaded = load_backbone(tmp_path / "backbone.pth")
+    assert loaded.get_meta() == model.get_meta()
+    assert _max_abs_diff(model, loaded) == 0.0
+
+
 def test_round_trip_custom_vit_with_registers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     vit = VisionTransformer(
@@ -172,13 +184,16 @@ def test_cli_converts_lightning_checkpoint(tmp_path: Path, no_network: None) -> 
     assert _max_abs_diff(student, load_backbone(again)) == 0.0
 
 
-def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
+def _cotap_module_checkpoint(path: Path, img_size: int) -> CoTAPVisionTransformer:
+    """Writes a CoTAPModule checkpoint in Lightning's layout (weights +
+    ``save_hyperparameters()``) and returns its student backbone.
+    """
     from lightly_cotap.train import CoTAPModule
 
     torch.manual_seed(0)
     module = CoTAPModule(
         "vit_tiny_patch16_224",
-        backbone_kwargs=dict(img_size=32, patch_size=8, depth=2, embed_dim=48),
+        backbone_kwargs=dict(img_size=img_size, patch_size=8, depth=2, embed_dim=48),
         num_prototypes=5,
         head_hidden_dim=16,
         head_bottleneck_dim=8,
@@ -186,18 +201,23 @@ def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
         cls_prototypes=8,
         max_steps=1,
     )
-    _trained_like(module.student.backbone)
-    path = tmp_path / "last.ckpt"
-    # The layout of a Lightning checkpoint (weights + save_hyperparameters()).
+    student: CoTAPVisionTransformer = module.student.backbone
+    _trained_like(student)
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)},
         path,
     )
+    return student
+
+
+def test_cotap_module_checkpoint_needs_no_arch(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    student = _cotap_module_checkpoint(path, img_size=32)
     model = build_model_from_checkpoint(path, img_size=48)
     assert (model.patch_size, len(model.vit.blocks), model.num_prototypes) == (8, 2, 5)
     x = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
-        expected = module.student.backbone.eval()(x).dense
+        expected = student.eval()(x).dense
         torch.testing.assert_close(model(x).dense, expected)
 
 
@@ -294,3 +314,84 @@ def test_cli_user_errors_are_one_line(
 
 class _Opaque:
     pass
+
+
+def test_export_keeps_the_trained_position_embedding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a train checkpoint: the grid of its hyper-parameters (32 px / 8 = 4 x 4)
+    student = _cotap_module_checkpoint(tmp_path / "last.ckpt", img_size=32)
+    out = tmp_path / "backbone.pth"
+    assert (
+        main(["--checkpoint", str(tmp_path / "last.ckpt"), "--output", str(out)]) == 0
+    )
+    exported = torch.load(out, weights_only=True)
+    assert exported["meta"]["img_size"] == [32, 32]
+    assert torch.equal(exported["state_dict"]["pos_embed"], student.vit.pos_embed)
+    assert "resampled: []" in capsys.readouterr().err
+    # a bare timm state dict: the grid of its pos_embed
+    plain = CoTAPVisionTransformer(
+        "vit_tiny_patch16_224", use_filter=False, img_size=48
+    )
+    torch.save(plain.vit.state_dict(), tmp_path / "plain.pth")
+    args = [
+        "--checkpoint",
+        str(tmp_path / "plain.pth"),
+        "--arch",
+        "vit_tiny_patch16_224",
+    ]
+    assert main([*args, "--output", str(out)]) == 0
+    exported = torch.load(out, weights_only=True)
+    assert exported["meta"]["img_size"] == [48, 48]
+    assert torch.equal(exported["state_dict"]["pos_embed"], plain.vit.pos_embed)
+    capsys.readouterr()
+    # another grid only when asked for, and the report says from / to
+    assert main([*args, "--img-size", "64", "--output", str(out)]) == 0
+    assert torch.load(out, weights_only=True)["meta"]["img_size"] == [64, 64]
+    assert (
+        "  pos_embed resampled from the checkpoint's 3x3 patch grid to 4x4 (bicubic, "
+        "timm's resample_abs_pos_embed)"
+    ) in capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("arch", "structure", "overrides"),
+    [
+        (
+            "vit_tiny_patch16_224",
+            dict(patch_size=8, embed_dim=96, depth=4, num_heads=3),
+            dict(patch_size=8, embed_dim=96, depth=4),  # 3 heads: tiny's default
+        ),
+        (
+            "vit_small_patch16_224",
+            dict(depth=2, reg_tokens=4, no_embed_class=True, init_values=1e-5),
+            dict(depth=2, reg_tokens=4, no_embed_class=True, init_values=1e-5),
+        ),
+        ("vit_small_patch16_224", dict(), dict()),
+    ],
+)
+def test_timm_overrides_rebuild_the_architecture(
+    arch: str, structure: dict[str, Any], overrides: dict[str, Any]
+) -> None:
+    from lightly_cotap.models.cotap_vit import timm_overrides
+
+    meta = CoTAPVisionTransformer(arch, img_size=32, **structure).get_meta()
+    assert timm_overrides(meta) == overrides
+    rebuilt = CoTAPVisionTransformer(arch, img_size=32, **timm_overrides(meta))
+    assert rebuilt.get_meta() == meta
+
+
+def test_timm_overrides_of_an_unnamed_vit() -> None:
+    from lightly_cotap.models.cotap_vit import GENERIC_ARCH, timm_overrides
+
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0
+    )
+    meta = CoTAPVisionTransformer(vit).get_meta()
+    assert meta["arch"] is None
+    overrides = timm_overrides(meta)
+    assert overrides == dict(patch_size=8, embed_dim=48, depth=2, num_heads=3)
+    rebuilt = CoTAPVisionTransformer(GENERIC_ARCH, img_size=32, **overrides)
+    assert {k: v for k, v in rebuilt.get_meta().items() if k != "arch"} == {
+        k: v for k, v in meta.items() if k != "arch"
+    }

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from lightly_cotap.eval.features import DenseFeatures
 from lightly_cotap.eval.metrics import AbsentClasses, confusion_matrix, matched_metrics
+from lightly_cotap.eval.progress import Progress, progress_bar
 
 
 def fit_standardize_pca(
@@ -178,7 +178,7 @@ def kmeans_segmentation(
     seed: int = 0,
     ignore_index: int = 255,
     absent_classes: AbsentClasses = "zero",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> dict[str, Any]:
     """Clusters the patch features of a dataset and scores the clusters as segments.
 
@@ -199,7 +199,7 @@ def kmeans_segmentation(
         seed: Seeds subsampling and k-means.
         ignore_index: Mask value excluded from the metric.
         absent_classes: See :func:`~lightly_cotap.eval.metrics.metrics_from_confusion`.
-        progress: Show a tqdm progress bar.
+        progress: A tqdm bar (True), periodic lines ("lines") or nothing.
 
     Returns:
         Dict with ``miou``, ``pixel_accuracy``, ``iou_per_class``,
@@ -224,7 +224,7 @@ def kmeans_segmentation(
         generator = torch.Generator().manual_seed(seed)
         x = x[torch.randperm(x.shape[0], generator=generator)[:max_fit_vectors]]
     weight, bias = fit_standardize_pca(x, pca_dim=pca_dim, standardize=standardize)
-    with tqdm(total=1, desc=f"k-means K={k}", disable=not progress) as bar:
+    with progress_bar(total=1, desc=f"k-means K={k}", progress=progress) as bar:
         centroids = fit_kmeans(
             x.double() @ weight + bias, k, n_init=n_init, max_iter=max_iter, seed=seed
         )

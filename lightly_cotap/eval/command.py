@@ -59,8 +59,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     ckpt.add_argument(
         "--checkpoint",
         required=True,
-        help="lightly-cotap export, Lightning/training checkpoint or timm/DINO "
-        "state dict.",
+        help="lightly-cotap export (timm or mmseg format), Lightning/training "
+        "checkpoint or timm/DINO state dict.",
     )
     ckpt.add_argument(
         "--arch",
@@ -86,7 +86,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--val-fraction",
         type=float,
         default=None,
-        help="Without --val-images: fraction of --images held out (default 0.3).",
+        help="Without --val-images: fraction of --images held out (default: 0.3).",
     )
     data.add_argument(
         "--num-classes",
@@ -108,7 +108,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Ignore mask labels outside the declared classes (counted) instead of "
         "refusing them.",
     )
-    data.add_argument("--image-size", type=int, default=224)
+    data.add_argument(
+        "--image-size", type=int, default=224, help="Images are resized to this."
+    )
     data.add_argument(
         "--label-size",
         type=int,
@@ -116,34 +118,64 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="Resolution of the scored label maps (0: the image size).",
     )
     evals = parser.add_argument_group("evaluation")
-    evals.add_argument("--probe-steps", type=int, default=500)
-    evals.add_argument("--probe-lr", type=float, default=3e-3)
+    evals.add_argument(
+        "--probe-steps", type=int, default=500, help="Adam steps of the linear probe."
+    )
+    evals.add_argument(
+        "--probe-lr", type=float, default=3e-3, help="Learning rate of the probe."
+    )
     evals.add_argument(
         "--probe-head",
         choices=("bn", "plain"),
         default="bn",
-        help="Linear probe head: BatchNorm + 1x1 conv (default) or a plain 1x1 conv.",
+        help="Linear probe head: BatchNorm + 1x1 conv (bn) or a plain 1x1 conv.",
     )
     evals.add_argument(
-        "--overclustering-k", type=int, default=None, help="Default 4 * classes."
+        "--overclustering-k",
+        type=int,
+        default=None,
+        help="k-means K of the overclustering (default: 4 * classes).",
     )
-    evals.add_argument("--retrieval-k", type=int, default=30)
+    evals.add_argument(
+        "--retrieval-k", type=int, default=30, help="Neighbours per retrieved patch."
+    )
     evals.add_argument(
         "--memory-size",
         type=int,
         default=None,
         help="Patches in the retrieval memory (default: all training patches).",
     )
-    evals.add_argument("--absent-classes", choices=("zero", "exclude"), default="zero")
     evals.add_argument(
-        "--skip", action="append", choices=EVALUATIONS, default=[], help="Repeatable."
+        "--absent-classes",
+        choices=("zero", "exclude"),
+        default="zero",
+        help="A class absent from labels and prediction scores 0 (zero) or is left "
+        "out of the mean (exclude, as mmseg).",
     )
-    evals.add_argument("--num-visualize", type=int, default=8)
-    evals.add_argument("--batch-size", type=int, default=32)
-    evals.add_argument("--device", default="cpu")
-    evals.add_argument("--seed", type=int, default=0)
+    evals.add_argument(
+        "--skip",
+        action="append",
+        choices=EVALUATIONS,
+        default=[],
+        help="Evaluation to skip (repeatable).",
+    )
+    evals.add_argument(
+        "--num-visualize",
+        type=int,
+        default=8,
+        help="Validation images in pca.png / similarity.png (0: no images).",
+    )
+    evals.add_argument(
+        "--batch-size", type=int, default=32, help="Images per forward pass."
+    )
+    evals.add_argument("--device", default="cpu", help="Torch device.")
+    evals.add_argument("--seed", type=int, default=0, help="Seed of every evaluation.")
     evals.add_argument("--out", default="outputs/eval", help="Output folder.")
-    evals.add_argument("--no-progress", action="store_true")
+    evals.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="No progress bars; one progress line every 30 s instead (for logs).",
+    )
     return parser
 
 
@@ -274,6 +306,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         decide_classes,
         scan_masks,
     )
+    from lightly_cotap.eval.progress import Progress
 
     for option, value, minimum in (
         ("--image-size", args.image_size, 1),
@@ -342,7 +375,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         # 4 * C as in evaluate_dense, but at most the number of validation patches.
         grid = args.image_size // model.patch_size
         over_k = min(4 * num_classes, len(val_set) * grid * grid)
-    progress = not args.no_progress
+    progress: Progress = "lines" if args.no_progress else True
     skip = set(args.skip)
     report = evaluate_dense(
         lambda x: model(x).dense,
@@ -421,9 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit code: 0 on success, 2 on a user error (message on stderr).
     """
+    from lightly_cotap.cli import HelpFormatter
+
     parser = add_eval_arguments(
         argparse.ArgumentParser(
-            prog="lightly-cotap eval", description="Dense evaluation of a checkpoint."
+            prog="lightly-cotap eval",
+            description="Dense evaluation of a checkpoint.",
+            formatter_class=HelpFormatter,
         )
     )
     add_debug_argument(parser)

@@ -24,6 +24,7 @@ from lightly_cotap.eval.clustering import kmeans_segmentation
 from lightly_cotap.eval.features import FeatureFn, extract_dense_features
 from lightly_cotap.eval.linear_probe import linear_probe_miou
 from lightly_cotap.eval.metrics import AbsentClasses
+from lightly_cotap.eval.progress import Progress
 from lightly_cotap.eval.retrieval import retrieval_segmentation
 from lightly_cotap.eval.visualize import save_dense_visualizations
 
@@ -51,7 +52,7 @@ def evaluate_dense(
     num_visualize: int = 8,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
-    progress: bool = True,
+    progress: Progress = True,
 ) -> dict[str, Any]:
     """Runs the linear probe, k-means, overclustering and retrieval evaluations.
 
@@ -89,7 +90,7 @@ def evaluate_dense(
         image_mean: Normalisation mean of the dataset images (``None``: ImageNet), to
             draw the images.
         image_std: Normalisation std of the dataset images (``None``: ImageNet).
-        progress: Show progress bars.
+        progress: tqdm bars (True), periodic lines ("lines") or nothing.
 
     Returns:
         ``{"linear_probe": {...}, "kmeans": {...}, "overclustering": {...},

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+
+from lightly_cotap.eval.progress import Progress, progress_bar
 
 FeatureFn = Callable[[Tensor], Tensor]
 
@@ -91,7 +92,7 @@ def extract_dense_features(
     device: str | torch.device = "cpu",
     module: nn.Module | None = None,
     feature_dtype: torch.dtype = torch.float32,
-    progress: bool = True,
+    progress: Progress = True,
     desc: str = "features",
 ) -> DenseFeatures:
     """Runs a frozen backbone once over a segmentation dataset and caches the result.
@@ -112,7 +113,7 @@ def extract_dense_features(
         module: Module to put in eval mode while extracting, e.g. the model wrapped
             by a ``lambda``.
         feature_dtype: Dtype of the cached features (``torch.float16`` halves memory).
-        progress: Show a tqdm progress bar.
+        progress: A tqdm bar (True), periodic lines ("lines") or nothing.
         desc: Label of the progress bar.
 
     Returns:
@@ -139,7 +140,7 @@ def extract_dense_features(
     features: list[Tensor] = []
     masks: list[Tensor] = []
     try:
-        for images, batch_masks in tqdm(loader, desc=desc, disable=not progress):
+        for images, batch_masks in progress_bar(loader, desc=desc, progress=progress):
             if images.ndim != 4 or batch_masks.ndim != 3:
                 raise ValueError(
                     "dataset must yield images (3, H, W) and masks (H, W), got batches "

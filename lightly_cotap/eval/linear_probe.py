@@ -38,7 +38,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from lightly_cotap.eval.features import DenseFeatures
 from lightly_cotap.eval.metrics import (
@@ -46,6 +45,7 @@ from lightly_cotap.eval.metrics import (
     confusion_matrix,
     metrics_from_confusion,
 )
+from lightly_cotap.eval.progress import Progress, progress_bar
 
 
 class LinearSegmentationProbe(nn.Module):
@@ -118,7 +118,7 @@ def train_linear_probe(
     ignore_index: int = 255,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> LinearSegmentationProbe:
     """Trains a :class:`LinearSegmentationProbe` on cached features with Adam.
 
@@ -135,7 +135,7 @@ def train_linear_probe(
         seed: Seeds the head initialisation and the batch sampling (the global RNG
             state is left untouched).
         device: Device to train on.
-        progress: Show a tqdm progress bar.
+        progress: A tqdm bar (True), periodic lines ("lines") or nothing.
 
     Returns:
         The trained probe in eval mode, on ``device``.
@@ -158,7 +158,7 @@ def train_linear_probe(
     criterion = nn.CrossEntropyLoss(ignore_index=ignore_index)
     n = len(train)
     probe.train()
-    for _ in tqdm(range(steps), desc="linear probe", disable=not progress):
+    for _ in progress_bar(range(steps), desc="linear probe", progress=progress):
         if batch_size >= n:
             idx = torch.arange(n)
         else:
@@ -217,7 +217,7 @@ def linear_probe_miou(
     absent_classes: AbsentClasses = "zero",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> dict[str, Any]:
     """Trains the linear probe on ``train`` and scores it on ``val``.
 
@@ -234,7 +234,7 @@ def linear_probe_miou(
         absent_classes: See :func:`~lightly_cotap.eval.metrics.metrics_from_confusion`.
         seed: See :func:`train_linear_probe`.
         device: See :func:`train_linear_probe`.
-        progress: Show a tqdm progress bar.
+        progress: A tqdm bar (True), periodic lines ("lines") or nothing.
 
     Returns:
         Dict with ``miou``, ``pixel_accuracy``, ``iou_per_class``,

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from lightly_cotap.eval.features import DenseFeatures
 from lightly_cotap.eval.metrics import (
@@ -41,6 +40,7 @@ from lightly_cotap.eval.metrics import (
     confusion_matrix,
     metrics_from_confusion,
 )
+from lightly_cotap.eval.progress import Progress, progress_bar
 
 
 def patch_label_histograms(
@@ -202,7 +202,7 @@ def retrieval_segmentation(
     absent_classes: AbsentClasses = "zero",
     seed: int = 0,
     device: str | torch.device = "cpu",
-    progress: bool = True,
+    progress: Progress = True,
 ) -> dict[str, Any]:
     """Hummingbird-style in-context segmentation of ``val`` from a ``train`` memory.
 
@@ -219,7 +219,7 @@ def retrieval_segmentation(
         absent_classes: See :func:`~lightly_cotap.eval.metrics.metrics_from_confusion`.
         seed: See :func:`build_memory`.
         device: See :func:`retrieve_labels`.
-        progress: Show a tqdm progress bar.
+        progress: A tqdm bar (True), periodic lines ("lines") or nothing.
 
     Returns:
         Dict with ``miou``, ``pixel_accuracy``, ``iou_per_class``,
@@ -244,8 +244,8 @@ def retrieval_segmentation(
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     if images_per_chunk <= 0:
         raise ValueError(f"images_per_chunk must be positive, got {images_per_chunk}.")
-    for i in tqdm(
-        range(0, n, images_per_chunk), desc="retrieval", disable=not progress
+    for i in progress_bar(
+        range(0, n, images_per_chunk), desc="retrieval", progress=progress
     ):
         feats = val.features[i : i + images_per_chunk]
         b = feats.shape[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -14,12 +15,22 @@ from mmseg.registry import MODELS
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.mmseg.checkpoint import mmseg_backbone_cfg, mmseg_in_channels
+from lightly_cotap.models.cotap_vit import (
+    TIMM_ARGUMENTS,
+    CoTAPVisionTransformer,
+    timm_value,
+)
 from lightly_cotap.models.utils import (
     CheckpointLoadReport,
+    architecture_from_state_dict,
+    extract_backbone_state_dict,
     load_backbone_state_dict,
     load_checkpoint_file,
 )
+
+#: ``arch`` value that takes the architecture from the ``init_cfg`` checkpoint.
+AUTO_ARCH = "auto"
 
 #: Filter parameters that a segmentation loss can never train: the CLS branch's
 #: output norm (the CLS feature is not used) and, with ``train_prototypes=False``,
@@ -46,9 +57,19 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
     any of: a ``python -m lightly_cotap.export`` file (``timm`` or ``mmseg``
     format), a Lightning / official CoTAP checkpoint, or a plain timm / DINO /
     iBOT ViT checkpoint (for baselines; use ``use_filter=False`` with those).
-    Position embeddings of another image size are resampled. Shape mismatches,
-    unknown keys and missing files raise instead of the warnings of mmengine's
-    generic loader.
+    Position embeddings trained at another image size are resampled to
+    ``img_size`` (timm's ``resample_abs_pos_embed``; the load log names both
+    grids). Shape mismatches, unknown keys and missing files raise instead of the
+    warnings of mmengine's generic loader; an exported checkpoint of another
+    architecture raises naming every differing field and the config key that
+    fixes it.
+
+    Architecture: ``arch`` is a timm name, changed by ``timm_kwargs`` (e.g. the
+    demo's ``arch='vit_tiny_patch16_224', timm_kwargs=dict(patch_size=8,
+    embed_dim=96, depth=4)``). ``arch='auto'`` takes name, ``timm_kwargs`` and
+    the filter settings from the ``meta`` of the exported ``init_cfg``
+    checkpoint (``meta['mmseg_backbone']``); explicitly set ``use_filter`` /
+    ``num_prototypes`` / ``prototype_size`` / ``timm_kwargs`` must agree with it.
 
     Frozen backbone (linear probing, ``frozen=True``): all parameters get
     ``requires_grad=False``, the ViT stays in eval mode (no drop path / dropout)
@@ -73,9 +94,9 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
         arch: str = "vit_small_patch16_224",
         img_size: int | Sequence[int] = 224,
         out_indices: int | Sequence[int] = -1,
-        use_filter: bool = True,
-        num_prototypes: int = 64,
-        prototype_size: int = 3,
+        use_filter: bool | None = None,
+        num_prototypes: int | None = None,
+        prototype_size: int | None = None,
         train_prototypes: bool = False,
         frozen: bool = False,
         drop_path_rate: float = 0.0,
@@ -87,7 +108,8 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
 
         Args:
             arch: timm ViT name (e.g. "vit_small_patch16_224",
-                "vit_base_patch16_224"); built without downloading weights.
+                "vit_base_patch16_224"), built without downloading weights; or
+                "auto": the architecture of the exported ``init_cfg`` checkpoint.
             img_size: Image size of the position-embedding grid, usually the
                 training crop size. Other input sizes work (the embedding is
                 resampled on the fly).
@@ -95,12 +117,16 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 values count from the end. The last one must be the last block
                 (-1 or depth - 1): that level carries the filtered features.
             use_filter: Build the object-aware filter (last level 2D wide).
-            num_prototypes: Number of filter prototypes (must match the checkpoint).
-            prototype_size: Spatial size of the prototypes (must match).
+                None: True, or the checkpoint's with ``arch="auto"``.
+            num_prototypes: Number of filter prototypes (must match the
+                checkpoint). None: 64, or the checkpoint's with ``arch="auto"``.
+            prototype_size: Spatial size of the prototypes (must match). None: 3,
+                or the checkpoint's with ``arch="auto"``.
             train_prototypes: Let the segmentation loss train the prototypes.
             frozen: Freeze the whole backbone (linear probing).
             drop_path_rate: Stochastic depth rate for fine-tuning.
             timm_kwargs: Further ``timm.create_model`` arguments (e.g.
+                ``dict(patch_size=8, embed_dim=96, depth=4)`` or
                 ``dict(reg_tokens=4)``).
             pretrained: Deprecated mmseg-style shortcut for
                 ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
@@ -108,6 +134,7 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 checkpoint=..., prefix=None)``.
 
         Raises:
+            FileNotFoundError: If ``arch="auto"`` and the checkpoint is missing.
             ValueError: If an argument is invalid.
         """
         if pretrained is not None:
@@ -120,15 +147,32 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
         if drop_path_rate < 0 or drop_path_rate >= 1:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}.")
         size = _to_size(img_size)
+        extra = dict(timm_kwargs or {})
+        if arch == AUTO_ARCH:
+            if init_cfg is None:
+                raise ValueError(
+                    "CoTAPViT(arch='auto') takes the architecture from the "
+                    "init_cfg checkpoint, but init_cfg is not set."
+                )
+            exported = _exported_backbone_cfg(str(init_cfg["checkpoint"]))
+            arch = exported["arch"]
+            extra = {**exported["timm_kwargs"], **extra}
+            # Explicit settings win; a disagreement fails in _check_architecture.
+            if use_filter is None:
+                use_filter = bool(exported["use_filter"])
+            if num_prototypes is None:
+                num_prototypes = int(exported["num_prototypes"])
+            if prototype_size is None:
+                prototype_size = int(exported["prototype_size"])
         self.model = CoTAPVisionTransformer(
             arch,
-            use_filter=use_filter,
-            num_prototypes=num_prototypes,
-            prototype_size=prototype_size,
+            use_filter=True if use_filter is None else use_filter,
+            num_prototypes=64 if num_prototypes is None else num_prototypes,
+            prototype_size=3 if prototype_size is None else prototype_size,
             train_prototypes=train_prototypes,
             img_size=size,
             drop_path_rate=drop_path_rate,
-            **dict(timm_kwargs or {}),
+            **extra,
         )
         self.arch = arch
         self.img_size = size
@@ -213,7 +257,7 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 "CoTAPViT is frozen but has no init_cfg checkpoint: probing randomly "
                 "initialised features.",
                 logger="current",
-                level="WARNING",
+                level=logging.WARNING,
             )
         self._is_init = True
 
@@ -236,21 +280,10 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
             ValueError: If the checkpoint does not fit this configuration.
         """
         path = os.fspath(checkpoint)
-        if "://" in path:
-            from mmengine.runner.checkpoint import CheckpointLoader
-
-            loaded = dict(CheckpointLoader.load_checkpoint(path, map_location="cpu"))
-        else:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"CoTAPViT checkpoint not found: '{path}' (set "
-                    "model.backbone.init_cfg.checkpoint to an exported backbone, "
-                    "see `python -m lightly_cotap.export --help`)."
-                )
-            loaded = load_checkpoint_file(path)
+        loaded = _read_checkpoint(path)
         if prefix:
             loaded = _select_mmengine_prefix(loaded, prefix, path)
-        self._check_meta(loaded, path)
+        self._check_architecture(loaded, path)
         try:
             report = load_backbone_state_dict(self.model, loaded, strict=True)
         except ValueError as err:
@@ -263,7 +296,7 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 f"'{path}' has no object-aware filter weights: the filter is randomly "
                 "initialised. For a plain ViT baseline use use_filter=False.",
                 logger="current",
-                level="WARNING",
+                level=logging.WARNING,
             )
         return report
 
@@ -276,32 +309,51 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
             f"prototype_size={self.model.prototype_size})"
         )
 
-    def _check_meta(self, checkpoint: Mapping[str, Any], path: str) -> None:
-        """Compares an exported checkpoint's ``meta`` with the configuration."""
+    def _check_architecture(self, checkpoint: Mapping[str, Any], path: str) -> None:
+        """Compares the checkpoint's architecture with the configuration.
+
+        Exports are compared field by field with their ``meta``; other
+        checkpoints with what their tensor shapes reveal.
+
+        Raises:
+            ValueError: Naming each differing field and the config key to set.
+        """
         meta = checkpoint.get("meta")
-        if not isinstance(meta, Mapping) or "embed_dim" not in meta:
+        exported = isinstance(meta, Mapping) and "embed_dim" in meta
+        if isinstance(meta, Mapping) and exported:
+            theirs = dict(meta)
+        else:
+            try:
+                state_dict, _, _ = extract_backbone_state_dict(checkpoint)
+            except ValueError:
+                return  # the loader raises with the details
+            theirs = architecture_from_state_dict(state_dict)
+        mine = self.model.get_meta()
+        fields = [*TIMM_ARGUMENTS, "use_filter"]
+        if mine["use_filter"] and theirs.get("use_filter", True):
+            fields += ["num_prototypes", "prototype_size"]
+        diff = [f for f in fields if f in theirs and theirs[f] != mine[f]]
+        if not diff:
             return
-        mine: dict[str, Any] = {
-            "embed_dim": self.embed_dim,
-            "depth": self.depth,
-            "patch_size": self.model.patch_size,
-            "use_filter": self.model.use_filter,
-        }
-        if self.model.use_filter:
-            mine["num_prototypes"] = self.model.num_prototypes
-            mine["prototype_size"] = self.model.prototype_size
-        diff = {k: (meta[k], v) for k, v in mine.items() if k in meta and meta[k] != v}
-        if diff:
-            lines = [
-                f"{k}: checkpoint {c!r} vs config {v!r}" for k, (c, v) in diff.items()
-            ]
-            raise ValueError(
-                f"Checkpoint '{path}' was exported from a different architecture "
-                f"(arch {meta.get('arch')!r}) than the backbone configured as "
-                f"{self._describe()}:\n  " + "\n  ".join(lines) + "\nSet "
-                "model.backbone.arch / use_filter / num_prototypes / prototype_size "
-                "to match the checkpoint."
+        lines = [
+            f"  {f}: checkpoint {theirs[f]!r}, config {mine[f]!r} -> set "
+            + _config_setting(f, theirs[f])
+            for f in diff
+        ]
+        if exported:
+            channels = mmseg_in_channels(theirs)
+            lines.append(
+                "Set these keys, or model.backbone.arch='auto' to take the whole "
+                "architecture from the checkpoint. The decode head on the last level "
+                f"then needs in_channels={channels['last']}; heads and necks on "
+                f"earlier levels {channels['intermediate']}."
             )
+        else:
+            lines.append("Set these keys.")
+        raise ValueError(
+            f"Checkpoint '{path}' holds another architecture than the backbone "
+            f"configured as {self._describe()}:\n" + "\n".join(lines)
+        )
 
     # -- forward ---------------------------------------------------------------
 
@@ -435,3 +487,39 @@ def _select_mmengine_prefix(
     if "meta" in checkpoint:
         out["meta"] = checkpoint["meta"]
     return out
+
+
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """Loads a local checkpoint or a URL (mmengine's ``CheckpointLoader``)."""
+    if "://" in path:
+        from mmengine.runner.checkpoint import CheckpointLoader
+
+        return dict(CheckpointLoader.load_checkpoint(path, map_location="cpu"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"CoTAPViT checkpoint not found: '{path}' (set "
+            "model.backbone.init_cfg.checkpoint to an exported backbone, "
+            "see `python -m lightly_cotap.export --help`)."
+        )
+    return load_checkpoint_file(path)
+
+
+def _exported_backbone_cfg(path: str) -> dict[str, Any]:
+    """The backbone config stored in an export's meta (for ``arch='auto'``)."""
+    meta = _read_checkpoint(path).get("meta")
+    if not isinstance(meta, Mapping) or "embed_dim" not in meta:
+        raise ValueError(
+            f"CoTAPViT(arch='auto') needs an exported checkpoint (with 'meta'), but "
+            f"'{path}' has none. Export it with `python -m lightly_cotap.export "
+            "--format mmseg --checkpoint IN --output OUT`, or set model.backbone.arch "
+            "to a timm name (plus timm_kwargs)."
+        )
+    return mmseg_backbone_cfg(meta)
+
+
+def _config_setting(field: str, value: Any) -> str:
+    """``key=value`` of the config that gives a meta field this value."""
+    if field in TIMM_ARGUMENTS:
+        timm_arg = TIMM_ARGUMENTS[field]
+        return f"model.backbone.timm_kwargs.{timm_arg}={timm_value(field, value)!r}"
+    return f"model.backbone.{field}={value!r}"

@@ -37,6 +37,10 @@ class CoTAPLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):  #
 
     ``paramwise_cfg=dict(layer_decay_rate=0.65)``; no other keys.
 
+    The groups are ordered from the heads (the base learning rate) down to the
+    embeddings, so the ``lr`` that mmengine logs (that of the first group) is the
+    base rate.
+
     Raises:
         ValueError: (when called) if the segmentor's backbone is not a
             CoTAPViT, or it is frozen (this constructor is for fine-tuning).
@@ -75,7 +79,7 @@ class CoTAPLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):  #
                 "linear-probe schedule or set model.backbone.frozen=False."
             )
         num_layers = backbone.num_layers
-        groups: dict[str, dict[str, Any]] = {}
+        groups: dict[tuple[int, bool], dict[str, Any]] = {}
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
@@ -88,7 +92,7 @@ class CoTAPLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):  #
             else:
                 layer_id = num_layers - 1
             scale = self.layer_decay_rate ** (num_layers - 1 - layer_id)
-            key = f"layer_{layer_id}_{'no_decay' if no_decay else 'decay'}"
+            key = (layer_id, no_decay)
             if key not in groups:
                 groups[key] = {
                     "params": [],
@@ -96,12 +100,14 @@ class CoTAPLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):  #
                     "weight_decay": 0.0 if no_decay else self.base_wd,
                 }
             groups[key]["params"].append(param)
+        ordered = sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))
         summary = ", ".join(
-            f"{k}: lr={g['lr']:.3g} ({len(g['params'])})"
-            for k, g in sorted(groups.items())
+            f"layer_{layer_id}_{'no_decay' if no_decay else 'decay'}: "
+            f"lr={g['lr']:.3g} ({len(g['params'])})"
+            for (layer_id, no_decay), g in ordered
         )
         print_log(f"Layer-decay parameter groups: {summary}", logger="current")
-        params.extend(groups.values())
+        params.extend(g for _, g in ordered)
 
 
 @HOOKS.register_module()

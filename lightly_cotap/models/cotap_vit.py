@@ -25,6 +25,24 @@ from lightly_cotap.models.utils import (
 #: Version of the ``meta`` dict written by :meth:`CoTAPVisionTransformer.get_meta`.
 META_FORMAT_VERSION = 1
 
+#: The ``timm.create_model`` argument that sets each structural field of the meta
+#: dict (``layer_scale`` is set through ``init_values``).
+TIMM_ARGUMENTS: dict[str, str] = {
+    "patch_size": "patch_size",
+    "embed_dim": "embed_dim",
+    "depth": "depth",
+    "num_heads": "num_heads",
+    "mlp_ratio": "mlp_ratio",
+    "qkv_bias": "qkv_bias",
+    "num_reg_tokens": "reg_tokens",
+    "no_embed_class": "no_embed_class",
+    "layer_scale": "init_values",
+}
+
+#: timm name whose defaults are those of timm's plain ``VisionTransformer``; stands
+#: in for a meta dict without a model name.
+GENERIC_ARCH = "vit_base_patch16_224"
+
 
 @dataclass
 class CoTAPViTOutput:
@@ -464,8 +482,9 @@ class CoTAPVisionTransformer(nn.Module):
     def from_meta(cls, meta: Mapping[str, Any]) -> CoTAPVisionTransformer:
         """Builds an (untrained) model from a :meth:`get_meta` dict.
 
-        Uses ``timm.create_model(meta["arch"], ...)`` with the stored structure when
-        the architecture name is known, else a generic timm ``VisionTransformer``.
+        Uses ``timm.create_model(meta["arch"], ...)`` with the stored structure
+        (:func:`timm_overrides`) when the architecture name is known, else a timm
+        ``VisionTransformer``.
 
         Args:
             meta: The architecture description.
@@ -503,34 +522,19 @@ class CoTAPVisionTransformer(nn.Module):
         import timm
         from timm.models.vision_transformer import VisionTransformer
 
-        structure: dict[str, Any] = dict(
-            img_size=tuple(meta["img_size"]),
-            patch_size=int(meta["patch_size"]),
-            embed_dim=int(meta["embed_dim"]),
-            depth=int(meta["depth"]),
-            num_heads=int(meta["num_heads"]),
-            qkv_bias=bool(meta["qkv_bias"]),
-            reg_tokens=int(meta["num_reg_tokens"]),
-            no_embed_class=bool(meta["no_embed_class"]),
-            class_token=True,
-            init_values=1e-5 if meta["layer_scale"] else None,
-        )
+        # The name's defaults (a plain VisionTransformer's without a name) plus what
+        # differs from them, e.g. the train demo's patch size or a custom mlp_ratio.
         arch = meta.get("arch")
+        options: dict[str, Any] = dict(
+            num_classes=0,
+            dynamic_img_size=True,
+            img_size=tuple(meta["img_size"]),
+            **timm_overrides(meta),
+        )
         if arch:
-            vit = timm.create_model(
-                arch,
-                pretrained=False,
-                num_classes=0,
-                dynamic_img_size=True,
-                **structure,
-            )
+            vit = timm.create_model(arch, pretrained=False, **options)
         else:
-            vit = VisionTransformer(
-                num_classes=0,
-                dynamic_img_size=True,
-                mlp_ratio=float(meta["mlp_ratio"]),
-                **structure,
-            )
+            vit = VisionTransformer(**options)
         model = cls(
             vit,
             use_filter=bool(meta["use_filter"]),
@@ -550,6 +554,9 @@ class CoTAPVisionTransformer(nn.Module):
         strict: bool = True,
     ) -> CoTAPVisionTransformer:
         """Rebuilds a model from a checkpoint written by ``lightly_cotap.export``.
+
+        Both export formats load: ``timm`` (timm keys) and ``mmseg``
+        (``backbone.model.*`` keys).
 
         Args:
             checkpoint: Path or loaded dict with ``meta`` and ``state_dict`` entries.
@@ -571,7 +578,9 @@ class CoTAPVisionTransformer(nn.Module):
                 "call load_pretrained(...) instead."
             )
         model = cls.from_meta(meta)
-        model.load_pretrained(checkpoint, strict=strict, prefix="")
+        # Auto-detected prefix: '' in the timm format, 'backbone.model.vit.' in the
+        # mmseg format (both hold exactly one ViT).
+        model.load_pretrained(checkpoint, strict=strict)
         return model.eval()
 
     # -- helpers -------------------------------------------------------------------
@@ -607,6 +616,54 @@ class CoTAPVisionTransformer(nn.Module):
     def _to_map(self, tokens: Tensor, h: int, w: int) -> Tensor:
         """(B, h * w, D) patch tokens -> (B, D, h, w) map."""
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+
+def timm_value(field: str, value: Any) -> Any:
+    """The ``timm.create_model`` value of a structural meta field.
+
+    Args:
+        field: A key of :data:`TIMM_ARGUMENTS`.
+        value: Its value in the meta dict.
+
+    Returns:
+        The value of the timm argument ``TIMM_ARGUMENTS[field]``.
+    """
+    if field == "layer_scale":
+        return 1e-5 if value else None
+    return value
+
+
+def timm_overrides(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments of ``timm.create_model`` that rebuild the meta's ViT from its name.
+
+    ``CoTAPVisionTransformer(meta["arch"], **timm_overrides(meta))`` (or, in mmseg,
+    ``CoTAPViT(arch=..., timm_kwargs=...)``) rebuilds the exported ViT, e.g. the
+    demo's ``vit_tiny_patch16_224`` with ``patch_size=8, embed_dim=96, depth=4``.
+    Only the fields that differ from the name's defaults are returned. A meta dict
+    without a name stands for a plain timm ``VisionTransformer``, whose defaults
+    are those of :data:`GENERIC_ARCH`.
+
+    Args:
+        meta: A :meth:`CoTAPVisionTransformer.get_meta` dict.
+
+    Returns:
+        timm argument name -> value.
+
+    Raises:
+        ValueError: If a structural field is missing.
+    """
+    missing = [f for f in TIMM_ARGUMENTS if f not in meta]
+    if missing:
+        raise ValueError(f"Checkpoint meta lacks {missing}.")
+    with torch.device("meta"):  # no memory, no initialisation cost
+        default = CoTAPVisionTransformer(
+            meta.get("arch") or GENERIC_ARCH, use_filter=False
+        ).get_meta()
+    return {
+        TIMM_ARGUMENTS[f]: timm_value(f, meta[f])
+        for f in TIMM_ARGUMENTS
+        if meta[f] != default[f]
+    }
 
 
 def _prepare_vit(vit: Any) -> None:

@@ -327,6 +327,8 @@ class CheckpointLoadReport:
             canonical (timm / ``filter.*``) name.
         resampled_keys: Keys whose value was resampled to the model's shape (the
             position embedding for another image size).
+        resampled_grids: For each resampled key, the patch grids ``(H, W)`` of the
+            checkpoint and of the model.
     """
 
     prefix: str = ""
@@ -335,6 +337,20 @@ class CheckpointLoadReport:
     unexpected_keys: list[str] = field(default_factory=list)
     ignored_keys: dict[str, str] = field(default_factory=dict)
     resampled_keys: list[str] = field(default_factory=list)
+    resampled_grids: dict[str, tuple[tuple[int, int], tuple[int, int]]] = field(
+        default_factory=dict
+    )
+
+    def resample_note(self) -> str | None:
+        """One line naming the from / to grids of the resampled keys, or None."""
+        if not self.resampled_grids:
+            return None
+        parts = [
+            f"{key} resampled from the checkpoint's {old[0]}x{old[1]} patch grid to "
+            f"{new[0]}x{new[1]}"
+            for key, (old, new) in self.resampled_grids.items()
+        ]
+        return "; ".join(parts) + " (bicubic, timm's resample_abs_pos_embed)"
 
     def summary(self) -> str:
         """Returns a human-readable multi-line summary."""
@@ -346,6 +362,9 @@ class CheckpointLoadReport:
             f"resampled: {self.resampled_keys}",
             f"ignored: {len(self.ignored_keys)} keys",
         ]
+        note = self.resample_note()
+        if note is not None:
+            lines.insert(5, f"  {note}")
         reasons: dict[str, list[str]] = {}
         for key, reason in self.ignored_keys.items():
             reasons.setdefault(reason, []).append(key)
@@ -625,6 +644,47 @@ def extract_backbone_state_dict(
     return out, ignored, f"{container}{chosen}"
 
 
+def architecture_from_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The architecture fields that a canonical backbone state dict reveals.
+
+    For checkpoints without ``meta`` (timm / DINO / iBOT weights): the fields of
+    :meth:`~lightly_cotap.models.cotap_vit.CoTAPVisionTransformer.get_meta` that
+    the tensor shapes determine. ``num_heads`` and ``no_embed_class`` cannot be
+    read from shapes, and ``use_filter`` is only reported when the filter keys are
+    present (a plain ViT checkpoint also starts a model with a new filter).
+
+    Args:
+        state_dict: Output of :func:`extract_backbone_state_dict`.
+
+    Returns:
+        A partial meta dict (empty if there is no patch embedding).
+    """
+    proj = state_dict.get(_ANCHOR_KEY)
+    if proj is None or proj.ndim != 4:
+        return {}
+    width = int(proj.shape[0])
+    blocks = {
+        int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))
+    }
+    out: dict[str, Any] = {"embed_dim": width, "patch_size": int(proj.shape[-1])}
+    if blocks:
+        out["depth"] = max(blocks) + 1
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None:
+        out["mlp_ratio"] = float(fc1.shape[0]) / width
+    if "blocks.0.attn.qkv.weight" in state_dict:
+        out["qkv_bias"] = "blocks.0.attn.qkv.bias" in state_dict
+        out["layer_scale"] = "blocks.0.ls1.gamma" in state_dict
+    reg = state_dict.get("reg_token")
+    out["num_reg_tokens"] = int(reg.shape[1]) if reg is not None else 0
+    prototypes = state_dict.get(FILTER_PREFIX + "prototypes")
+    if prototypes is not None and prototypes.ndim == 4:
+        out["use_filter"] = True
+        out["num_prototypes"] = int(prototypes.shape[0])
+        out["prototype_size"] = int(prototypes.shape[-1])
+    return out
+
+
 #: Canonical keys that are deliberately not loaded, with the reason.
 _IGNORABLE = (
     (re.compile(r"^head(\.|$)|^head_drop\."), "classifier / projection head"),
@@ -713,7 +773,8 @@ def load_backbone_state_dict(
                 resampled = _resample_pos_embed(vit, value, expected)
                 if resampled is not None:
                     report.resampled_keys.append(name)
-                    mapped[target_name] = resampled
+                    report.resampled_grids[name] = resampled[1]
+                    mapped[target_name] = resampled[0]
                     continue
             mismatches.append(
                 f"{name}: checkpoint shape {tuple(value.shape)} vs model shape "
@@ -768,8 +829,14 @@ def _summarize_keys(keys: list[str], max_block_keys: int = 3) -> list[str]:
     return out
 
 
-def _resample_pos_embed(vit: Any, value: Tensor, expected: Tensor) -> Tensor | None:
-    """Resamples a position embedding to the model's grid, or None if impossible."""
+def _resample_pos_embed(
+    vit: Any, value: Tensor, expected: Tensor
+) -> tuple[Tensor, tuple[tuple[int, int], tuple[int, int]]] | None:
+    """Resamples a position embedding to the model's grid, or None if impossible.
+
+    Returns:
+        The resampled embedding and the ``(old, new)`` patch grids.
+    """
     from timm.layers import resample_abs_pos_embed
 
     num_prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
@@ -788,4 +855,5 @@ def _resample_pos_embed(vit: Any, value: Tensor, expected: Tensor) -> Tensor | N
         num_prefix_tokens=num_prefix,
         verbose=False,
     )
-    return resampled.to(expected.dtype)
+    grids = ((old_side, old_side), (int(new_size[0]), int(new_size[1])))
+    return resampled.to(expected.dtype), grids

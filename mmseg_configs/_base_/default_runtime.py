@@ -1,8 +1,11 @@
 # Runtime shared by every lightly-cotap mmseg config.
 # Importing `lightly_cotap.mmseg` applies the mmcv-lite compatibility layer and
 # registers the `CoTAPViT` backbone, `COCOStuff27Dataset`, the layer-decay
-# optimizer constructor and the frozen-backbone check hook.
+# optimizer constructor, the frozen-backbone check hook and the `QuietRunner`.
 custom_imports = dict(imports=["lightly_cotap.mmseg"], allow_failed_imports=False)
+# mmengine's Runner minus six warnings that mmseg / mmengine print in every run
+# (each named in lightly_cotap.mmseg.runner); tools/train.py and test.py use it.
+runner_type = "QuietRunner"
 default_scope = "mmseg"
 env_cfg = dict(
     cudnn_benchmark=True,

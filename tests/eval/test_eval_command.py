@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -349,3 +350,53 @@ def test_eval_refuses_broken_pairs(
     else:
         assert "--images:" in err and "1 images cannot be read" in err
         assert image_path.name in err and "empty file" in err
+
+
+def test_eval_reads_both_export_formats(
+    scenes: Path, exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("mmseg")
+    from lightly_cotap.export import main as export_main
+
+    mmseg_export = tmp_path / "backbone_mmseg.pth"
+    assert (
+        export_main(
+            ["--format", "mmseg", "--checkpoint", str(exported)]
+            + ["--output", str(mmseg_export)]
+        )
+        == 0
+    )
+    only_probe = ["--skip", "kmeans", "--skip", "overclustering"]
+    only_probe += ["--skip", "retrieval", "--num-visualize", "0"]
+    reports = []
+    for checkpoint in (exported, mmseg_export):
+        out = tmp_path / checkpoint.stem
+        assert main(_args(scenes, checkpoint, out, *only_probe)) == 0
+        reports.append(json.loads((out / "report.json").read_text()))
+    for report in reports:
+        del report["linear_probe"]["seconds"], report["settings"]["seconds"]
+    assert reports[0]["linear_probe"] == reports[1]["linear_probe"]
+    assert reports[0]["settings"] == reports[1]["settings"]
+    # --no-progress: one line now and then instead of bars
+    err = capsys.readouterr().err
+    assert re.search(r"^linear probe: 0/30 \(0%\), 00:00$", err, re.M)
+    assert re.search(r"^linear probe: 30/30 \(100%\), \d\d:\d\d$", err, re.M)
+    assert re.search(r"^train features: \d+/\d+ \(100%\)", err, re.M)
+    assert "\r" not in err
+
+
+def test_eval_help_shows_the_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in (
+        ("--probe-steps PROBE_STEPS Adam steps of the linear probe.", "500"),
+        ("--seed SEED Seed of every evaluation.", "0"),
+        ("--image-size IMAGE_SIZE Images are resized to this.", "224"),
+        ("--probe-head {bn,plain}", "bn"),
+    ):
+        assert re.search(
+            re.escape(option) + r".*?\(default: " + re.escape(default) + r"\)", text
+        ), option
+    # options without a default say what happens instead
+    assert "held out (default: 0.3)." in text and "(default: None)" not in text

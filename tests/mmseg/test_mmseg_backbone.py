@@ -108,6 +108,24 @@ def test_equivalence_with_plugin(
         assert (out - expected).abs().max() <= 1e-5
 
 
+def test_mmseg_format_loads_into_the_plugin(
+    plugin: CoTAPVisionTransformer, exports: dict[str, str]
+) -> None:
+    from lightly_cotap.export import build_model_from_checkpoint, load_backbone
+
+    x = _images()
+    with torch.no_grad():
+        ref = plugin(x).dense
+    for model in (
+        load_backbone(exports["mmseg"]),
+        build_model_from_checkpoint(exports["mmseg"]),  # what `eval` uses
+        build_model_from_checkpoint(exports["mmseg"], prefix="backbone.model.vit."),
+    ):
+        assert model.get_meta() == plugin.get_meta()
+        with torch.no_grad():
+            assert torch.equal(model(x).dense, ref)
+
+
 def test_mmpretrain_prefix_and_stock_mmengine_loader(
     plugin: CoTAPVisionTransformer, exports: dict[str, str]
 ) -> None:
@@ -168,21 +186,127 @@ def test_missing_file() -> None:
 def test_checkpoint_of_other_architecture(
     tmp_path: Path, exports: dict[str, str]
 ) -> None:
-    # exported (meta) checkpoint: architecture compared before loading
-    with pytest.raises(ValueError, match="embed_dim: checkpoint 192 vs config 384"):
+    # exported (meta) checkpoint: every differing field, with the key that fixes it
+    with pytest.raises(ValueError) as info:
         _build(exports["timm"], arch="vit_small_patch16_224")
-    with pytest.raises(ValueError, match="num_prototypes: checkpoint 8 vs config 16"):
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith(
+        f"Checkpoint '{exports['timm']}' holds another architecture than the backbone "
+        "configured as CoTAPViT(arch='vit_small_patch16_224', embed_dim=384,"
+    )
+    assert lines[1:] == [
+        "  embed_dim: checkpoint 192, config 384 -> set "
+        "model.backbone.timm_kwargs.embed_dim=192",
+        "  num_heads: checkpoint 3, config 6 -> set "
+        "model.backbone.timm_kwargs.num_heads=3",
+        "Set these keys, or model.backbone.arch='auto' to take the whole "
+        "architecture from the checkpoint. The decode head on the last level then "
+        "needs in_channels=384; heads and necks on earlier levels 192.",
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"  num_prototypes: checkpoint 8, config 16 -> set "
+        r"model\.backbone\.num_prototypes=8\n",
+    ):
         _build(exports["mmseg"], num_prototypes=16)
-    with pytest.raises(ValueError, match="use_filter"):
+    with pytest.raises(
+        ValueError,
+        match=r"  use_filter: checkpoint True, config False -> set "
+        r"model\.backbone\.use_filter=True\n",
+    ):
         _build(exports["timm"], use_filter=False)
-    # bare state dict: shapes are compared key by key
+    with pytest.raises(ValueError) as info:
+        _build(exports["timm"], timm_kwargs=dict(reg_tokens=2, qkv_bias=False))
+    assert [line for line in str(info.value).splitlines() if line.startswith("  ")] == [
+        "  patch_size: checkpoint 8, config 16 -> set "
+        "model.backbone.timm_kwargs.patch_size=8",
+        "  depth: checkpoint 3, config 12 -> set model.backbone.timm_kwargs.depth=3",
+        "  qkv_bias: checkpoint True, config False -> set "
+        "model.backbone.timm_kwargs.qkv_bias=True",
+        "  num_reg_tokens: checkpoint 0, config 2 -> set "
+        "model.backbone.timm_kwargs.reg_tokens=0",
+    ]
+    # bare state dict: the fields that its tensor shapes reveal
     path = tmp_path / "small.pth"
     small = CoTAPVisionTransformer(
         "vit_small_patch16_224", use_filter=False, img_size=IMG, **TIMM
     )
     torch.save(small.vit.state_dict(), path)
-    with pytest.raises(ValueError, match="(?s)does not fit.*patch_embed.proj.weight"):
+    with pytest.raises(ValueError) as info:
         _build(str(path), use_filter=False)
+    assert str(info.value).splitlines()[1:] == [
+        "  embed_dim: checkpoint 384, config 192 -> set "
+        "model.backbone.timm_kwargs.embed_dim=384",
+        "Set these keys.",
+    ]
+
+
+def test_arch_auto_takes_the_architecture_from_the_export(
+    plugin: CoTAPVisionTransformer, exports: dict[str, str]
+) -> None:
+    x = _images()
+    with torch.no_grad():
+        ref = plugin(x).dense
+    for fmt in ("timm", "mmseg"):
+        backbone = MODELS.build(
+            dict(
+                type="CoTAPViT",
+                arch="auto",
+                img_size=IMG,
+                out_indices=(0, -1),
+                init_cfg=dict(type="Pretrained", checkpoint=exports[fmt]),
+            )
+        )
+        backbone.init_weights()
+        assert backbone.arch == ARCH and backbone.out_channels == [192, 384]
+        with torch.no_grad():
+            assert (backbone.eval()(x)[-1] - ref).abs().max() <= 1e-5
+    # explicit settings must agree with the checkpoint
+    with pytest.raises(ValueError, match="num_prototypes: checkpoint 8, config 4 "):
+        MODELS.build(
+            dict(
+                type="CoTAPViT",
+                arch="auto",
+                num_prototypes=4,
+                init_cfg=dict(type="Pretrained", checkpoint=exports["timm"]),
+            )
+        ).init_weights()
+
+
+@pytest.mark.parametrize(
+    "structure",
+    [
+        dict(patch_size=8, embed_dim=96, depth=4, num_heads=3),  # the train demo
+        dict(depth=2, reg_tokens=4, no_embed_class=True, init_values=1e-5),
+        dict(depth=2, qkv_bias=False, mlp_ratio=2.0),
+    ],
+)
+def test_export_meta_rebuilds_the_backbone_exactly(
+    tmp_path: Path, structure: dict[str, Any]
+) -> None:
+    from lightly_cotap.mmseg import export_mmseg_checkpoint
+
+    torch.manual_seed(0)
+    model = CoTAPVisionTransformer(ARCH, img_size=IMG, num_prototypes=5, **structure)
+    path = tmp_path / "mmseg.pth"
+    export_mmseg_checkpoint(model, path)
+    meta = torch.load(path, weights_only=True)["meta"]
+    cfg = meta["mmseg_backbone"]
+    assert cfg["arch"] == ARCH and cfg["img_size"] == (IMG, IMG)
+    assert (cfg["num_prototypes"], cfg["use_filter"]) == (5, True)
+    width = structure.get("embed_dim", 192)
+    assert meta["mmseg_in_channels"] == {"last": 2 * width, "intermediate": width}
+    backbone = MODELS.build(
+        dict(cfg, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    )
+    backbone.init_weights()  # strict, architecture checked field by field
+    rebuilt, original = backbone.model.get_meta(), model.get_meta()
+    assert rebuilt == original
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            backbone.eval()(x)[-1], model.eval()(x).dense, rtol=0, atol=1e-5
+        )
 
 
 def test_invalid_arguments() -> None:
@@ -249,6 +373,10 @@ def test_layer_decay_constructor() -> None:
     assert lrs[id(named["backbone.model.vit.blocks.2.mlp.fc1.weight"])] == 0.5**1
     assert lrs[id(named["backbone.model.filter.norm_in.weight"])] == 0.5**1
     assert lrs[id(named["decode_head.conv_seg.weight"])] == 1.0
+    # mmengine logs the lr of the first group: the base rate
+    assert wrapper.get_lr()["lr"][0] == 1.0
+    group_lrs = [g["lr"] for g in wrapper.optimizer.param_groups]
+    assert group_lrs == sorted(group_lrs, reverse=True)
     # parameters segmentation cannot train are not in the optimiser
     assert id(named["backbone.model.filter.prototypes"]) not in lrs
     decay = {

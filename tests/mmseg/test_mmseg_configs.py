@@ -66,7 +66,14 @@ def test_every_config_parses_and_builds() -> None:
         assert tuple(cfg.model.data_preprocessor.size) == crop, path.name
         assert cfg.train_dataloader.batch_size == int(name["batch"]), path.name
         assert cfg.train_cfg.max_iters == int(name["iters"]) * 1000, path.name
-        assert cfg.param_scheduler[-1].end == cfg.train_cfg.max_iters, path.name
+        # everything follows max_iters: the lr decay ends there (no `end`: mmengine
+        # uses max_iters), validation and checkpoints every tenth
+        assert cfg.max_iters == cfg.train_cfg.max_iters, path.name
+        assert "end" not in cfg.param_scheduler[-1], path.name
+        interval = cfg.max_iters // 10
+        assert cfg.train_cfg.val_interval == interval, path.name
+        assert cfg.default_hooks.checkpoint.interval == interval, path.name
+        assert cfg.runner_type == "QuietRunner", path.name
         dataset = cfg.train_dataloader.dataset
         data_type = dataset.datasets[0].type if "datasets" in dataset else dataset.type
         assert data_type == DATA_TYPES[name["data"]], path.name

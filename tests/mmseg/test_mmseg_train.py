@@ -9,12 +9,9 @@ import pytest
 import torch
 
 pytest.importorskip("mmseg")
-skimage_data = pytest.importorskip("skimage.data")
 
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy.ndimage import gaussian_filter  # noqa: E402
 
 import lightly_cotap.mmseg  # noqa: E402,F401
 from lightly_cotap.export import export_backbone  # noqa: E402
@@ -24,44 +21,16 @@ CONFIG = (
     Path(__file__).resolve().parents[2]
     / "mmseg_configs/linear/linear_cotap-vit-s16_4xb8-20k_voc12aug-448x448.py"
 )
-PHOTOS = {
-    "train": ["astronaut", "chelsea", "coffee", "rocket"],
-    "val": ["immunohistochemistry", "hubble_deep_field"],
-}
 CLASSES = ("dark", "medium", "bright")
 CROP = (64, 64)
 ITERS = 20
-
-
-def _write_dataset(root: Path) -> None:
-    """Real photos (scikit-image, CC0) + 3-class brightness masks, mmseg layout.
-
-    img_dir/{train,val}/<name>.jpg and ann_dir/{train,val}/<name>.png; the class
-    of a pixel is the tercile of the blurred grey value in its image, with a
-    2-pixel ignore (255) border.
-    """
-    for split, names in PHOTOS.items():
-        (root / "img_dir" / split).mkdir(parents=True)
-        (root / "ann_dir" / split).mkdir(parents=True)
-        for name in names:
-            image = Image.fromarray(getattr(skimage_data, name)()[..., :3])
-            scale = 96 / min(image.size)
-            image = image.resize(
-                (round(image.width * scale), round(image.height * scale)),
-                Image.Resampling.BILINEAR,
-            )
-            image.save(root / "img_dir" / split / f"{name}.jpg")
-            grey = gaussian_filter(np.asarray(image.convert("L"), np.float64), 2.0)
-            mask = np.digitize(grey, np.quantile(grey, [1 / 3, 2 / 3])).astype(np.uint8)
-            mask[:2], mask[-2:], mask[:, :2], mask[:, -2:] = 255, 255, 255, 255
-            Image.fromarray(mask).save(root / "ann_dir" / split / f"{name}.png")
 
 
 def _dataset(root: Path, split: str, pipeline: list[dict[str, Any]]) -> dict[str, Any]:
     return dict(
         type="BaseSegDataset",
         data_root=str(root),
-        data_prefix=dict(img_path=f"img_dir/{split}", seg_map_path=f"ann_dir/{split}"),
+        data_prefix=dict(img_path=f"images/{split}", seg_map_path=f"masks/{split}"),
         img_suffix=".jpg",
         seg_map_suffix=".png",
         metainfo=dict(classes=CLASSES, palette=[[0, 0, 0], [128] * 3, [255] * 3]),
@@ -70,7 +39,9 @@ def _dataset(root: Path, split: str, pipeline: list[dict[str, Any]]) -> dict[str
 
 
 @pytest.mark.slow
-def test_linear_probe_runs_through_mmengine_runner(tmp_path: Path) -> None:
+def test_linear_probe_runs_through_mmengine_runner(
+    tmp_path: Path, brightness_segmentation: Path
+) -> None:
     torch.manual_seed(0)
     # "pretrained" tiny CoTAP backbone, exported with the plugin
     plugin = CoTAPVisionTransformer(
@@ -84,7 +55,6 @@ def test_linear_probe_runs_through_mmengine_runner(tmp_path: Path) -> None:
     plugin.filter.set_prototypes(torch.randn_like(plugin.filter.prototypes))
     checkpoint = tmp_path / "cotap_tiny.pth"
     export_backbone(plugin, checkpoint)
-    _write_dataset(tmp_path / "data")
 
     # the shipped linear-probe config, scaled down: tiny ViT, 64 px, 20 iterations
     cfg = Config.fromfile(str(CONFIG))
@@ -125,18 +95,18 @@ def test_linear_probe_runs_through_mmengine_runner(tmp_path: Path) -> None:
     cfg.train_dataloader = dict(
         batch_size=4,
         sampler=dict(type="InfiniteSampler", shuffle=True),
-        dataset=_dataset(tmp_path / "data", "train", train_pipeline),
+        dataset=_dataset(brightness_segmentation, "train", train_pipeline),
         **loader,
     )
     cfg.val_dataloader = dict(
         batch_size=1,
         sampler=dict(type="DefaultSampler", shuffle=False),
-        dataset=_dataset(tmp_path / "data", "val", test_pipeline),
+        dataset=_dataset(brightness_segmentation, "val", test_pipeline),
         **loader,
     )
     cfg.test_dataloader = cfg.val_dataloader
+    # the lr decay follows train_cfg.max_iters (the PolyLR has no `end`)
     cfg.train_cfg.update(max_iters=ITERS, val_interval=ITERS)
-    cfg.param_scheduler[0].end = ITERS
     cfg.default_hooks.logger.interval = 1
     cfg.default_hooks.checkpoint.interval = ITERS
     cfg.env_cfg.cudnn_benchmark = False
@@ -147,6 +117,8 @@ def test_linear_probe_runs_through_mmengine_runner(tmp_path: Path) -> None:
     losses = runner.message_hub.get_scalar("train/loss").data[0]
     assert len(losses) == ITERS and np.isfinite(losses).all()
     assert losses[-5:].mean() < losses[:5].mean()
+    lrs = runner.message_hub.get_scalar("train/lr").data[0]
+    assert lrs[0] == 3e-3 and lrs[-1] < 0.1 * lrs[0]
 
     # the backbone got the exported weights (init_cfg) and stayed frozen
     backbone = runner.model.backbone.model

@@ -1,6 +1,11 @@
 # End-to-end fine-tuning of the ViT (the BEiT / MAE / iBOT recipe in mmseg):
 # AdamW, lr 1e-4, weight decay 0.05, layer-wise lr decay 0.65, 1500 warm-up
 # iterations, then linear (poly 1.0) decay to 0 over 160k iterations.
+# Validation and checkpoints every max_iters // 10 iterations and at the end.
+# The PolyLR has no `end`: mmengine ends it at train_cfg.max_iters, so
+# `--cfg-options train_cfg.max_iters=N` shortens the whole schedule (intervals
+# stay). A child config that changes max_iters restates train_cfg and
+# default_hooks.checkpoint, as `lightly-cotap mmseg-config --iters N` writes.
 max_iters = 160000
 optim_wrapper = dict(
     type="OptimWrapper",
@@ -10,9 +15,7 @@ optim_wrapper = dict(
 )
 param_scheduler = [
     dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(
-        type="PolyLR", eta_min=0.0, power=1.0, begin=1500, end=max_iters, by_epoch=False
-    ),
+    dict(type="PolyLR", eta_min=0.0, power=1.0, begin=1500, by_epoch=False),
 ]
 train_cfg = dict(
     type="IterBasedTrainLoop", max_iters=max_iters, val_interval=max_iters // 10
