@@ -98,6 +98,7 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
         num_prototypes: int | None = None,
         prototype_size: int | None = None,
         train_prototypes: bool = False,
+        conv_stem: bool | None = None,
         frozen: bool = False,
         drop_path_rate: float = 0.0,
         timm_kwargs: Mapping[str, Any] | None = None,
@@ -123,6 +124,9 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
             prototype_size: Spatial size of the prototypes (must match). None: 3,
                 or the checkpoint's with ``arch="auto"``.
             train_prototypes: Let the segmentation loss train the prototypes.
+            conv_stem: Convolutional patch embedding
+                (:class:`~lightly_cotap.models.modules.conv_stem.ConvStem`). None:
+                False, or the checkpoint's with ``arch="auto"``.
             frozen: Freeze the whole backbone (linear probing).
             drop_path_rate: Stochastic depth rate for fine-tuning.
             timm_kwargs: Further ``timm.create_model`` arguments (e.g.
@@ -164,6 +168,8 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 num_prototypes = int(exported["num_prototypes"])
             if prototype_size is None:
                 prototype_size = int(exported["prototype_size"])
+            if conv_stem is None:
+                conv_stem = bool(exported.get("conv_stem", False))
         self.model = CoTAPVisionTransformer(
             arch,
             use_filter=True if use_filter is None else use_filter,
@@ -171,6 +177,7 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
             prototype_size=3 if prototype_size is None else prototype_size,
             train_prototypes=train_prototypes,
             img_size=size,
+            conv_stem=bool(conv_stem),
             drop_path_rate=drop_path_rate,
             **extra,
         )

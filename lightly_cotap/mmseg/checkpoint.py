@@ -26,7 +26,7 @@ def mmseg_backbone_cfg(
     ``arch`` plus the ``timm_kwargs`` that differ from its timm defaults (e.g. the
     demo's ``vit_tiny_patch16_224`` with ``patch_size=8, embed_dim=96, depth=4``),
     ``img_size`` = the size the position embedding was trained at, and the filter
-    settings. The widths the heads need follow from it: the last level has
+    settings (and ``conv_stem=True`` for a convolutional stem). The widths the heads need follow from it: the last level has
     ``out_dim`` channels (2 x embed_dim with the filter), earlier levels
     ``embed_dim`` (see :func:`mmseg_in_channels`).
 
@@ -39,7 +39,7 @@ def mmseg_backbone_cfg(
         (``init_cfg`` not set).
     """
     meta = model.get_meta() if isinstance(model, CoTAPVisionTransformer) else model
-    return dict(
+    cfg = dict(
         type="CoTAPViT",
         arch=meta.get("arch") or GENERIC_ARCH,
         img_size=tuple(int(s) for s in meta["img_size"]),
@@ -48,6 +48,9 @@ def mmseg_backbone_cfg(
         num_prototypes=int(meta["num_prototypes"]),
         prototype_size=int(meta["prototype_size"]),
     )
+    if meta.get("conv_stem", False):
+        cfg["conv_stem"] = True
+    return cfg
 
 
 def mmseg_in_channels(meta: Mapping[str, Any]) -> dict[str, int]:

@@ -279,6 +279,7 @@ def test_arch_auto_takes_the_architecture_from_the_export(
         dict(patch_size=8, embed_dim=96, depth=4, num_heads=3),  # the train demo
         dict(depth=2, reg_tokens=4, no_embed_class=True, init_values=1e-5),
         dict(depth=2, qkv_bias=False, mlp_ratio=2.0),
+        dict(depth=2, patch_size=8, conv_stem=True),
     ],
 )
 def test_export_meta_rebuilds_the_backbone_exactly(
@@ -296,6 +297,7 @@ def test_export_meta_rebuilds_the_backbone_exactly(
     assert (cfg["num_prototypes"], cfg["use_filter"]) == (5, True)
     width = structure.get("embed_dim", 192)
     assert meta["mmseg_in_channels"] == {"last": 2 * width, "intermediate": width}
+    assert cfg.get("conv_stem", False) == structure.get("conv_stem", False)
     backbone = MODELS.build(
         dict(cfg, init_cfg=dict(type="Pretrained", checkpoint=str(path)))
     )
