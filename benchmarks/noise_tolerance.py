@@ -54,7 +54,8 @@ every setting, computed from the clean labels (an oracle the continuous criteria
 not need): threshold and shift at the midpoint between the teacher's mean same-class
 and different-class similarity, ``top_k`` = the true number of same-class pairs of a
 list. The ``*_fixed`` rows keep the decision a user would take from the clean teacher
-(threshold / shift 0.5, ``top_k`` = half the list) at every setting; they reuse the
+(threshold / shift 0.5, ``top_k`` = half the list) at the settings where it differs
+from the calibrated one (``criterion_settings``); they reuse the
 learning rate of their calibrated row (both decisions coincide at the clean setting).
 Temperatures are fixed at 0.1.
 
