@@ -2,6 +2,15 @@
 
 from lightly_cotap.loss.class_aware_ntx_ent_loss import ClassAwareNTXentLoss
 from lightly_cotap.loss.continuous_ap_loss import ContinuousAPLoss
+from lightly_cotap.loss.correspondence_criteria import (
+    BinaryAPLoss,
+    CorrespondenceCriterion,
+    HingeContinuousAPLoss,
+    SimilarityKLLoss,
+    SimilarityMSELoss,
+    STEGOCorrelationLoss,
+    TopKInfoNCELoss,
+)
 from lightly_cotap.loss.cossl_loss import CoSSLLoss, CoSSLLossTerms
 from lightly_cotap.loss.cotap_loss import CoTAPLoss
 from lightly_cotap.loss.cotap_objective import CoTAPObjective, CoTAPViewOutputs
@@ -14,6 +23,13 @@ from lightly_cotap.loss.prototype_entropy_loss import PrototypeEntropyLoss
 from lightly_cotap.loss.sinkhorn_codes import SinkhornCodes
 
 __all__ = [
+    "BinaryAPLoss",
+    "CorrespondenceCriterion",
+    "HingeContinuousAPLoss",
+    "SimilarityKLLoss",
+    "SimilarityMSELoss",
+    "STEGOCorrelationLoss",
+    "TopKInfoNCELoss",
     "DSALoss",
     "DSALossTerms",
     "MultiPatchVICRegLoss",

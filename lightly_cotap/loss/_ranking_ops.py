@@ -13,6 +13,9 @@ with the Huber-like surrogate ``phi_tau`` of the step ``1[s_j >= s_i]``:
                = (1 - x/tau)^2   (0 <= x < tau)
                = 0               (x >= tau)
 
+The hinge ``max(0, 1 - x/tau)`` (:func:`hinge_surrogate`) can replace ``phi_tau`` in
+both implementations (``surrogate``).
+
 Two exact implementations are provided:
 
 - :func:`dense_negatives_and_positives` builds the ``(n, n)`` matrices. It is the
@@ -36,6 +39,8 @@ neither values nor gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -57,8 +62,36 @@ def huber_surrogate(x: Tensor, tau: float) -> Tensor:
     return torch.where(x < 0, linear, torch.where(x < tau, quadratic, zero))
 
 
+def hinge_surrogate(x: Tensor, tau: float) -> Tensor:
+    """Hinge surrogate ``max(0, 1 - x/tau)`` of the step function ``1[x <= 0]``.
+
+    With ``x = s_i - s_j`` this is ``max(0, tau + s_j - s_i) / tau``: 1 at ``x = 0``
+    like the step, linear in between and 0 from the margin ``tau`` on. Its kink at
+    ``x = tau`` has derivative 0 there (as ``relu``).
+
+    Args:
+        x: Score differences ``s_i - s_j`` of any shape.
+        tau: Margin.
+
+    Returns:
+        ``max(0, 1 - x/tau)``, same shape as ``x``.
+    """
+    return torch.relu(1.0 - x / tau)
+
+
+#: The surrogates of the step, by name (the fast path takes the name).
+SURROGATES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "huber": huber_surrogate,
+    "hinge": hinge_surrogate,
+}
+
+
 def dense_negatives_and_positives(
-    scores: Tensor, targets: Tensor, valid: Tensor, tau: float
+    scores: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    tau: float,
+    surrogate: Callable[[Tensor, float], Tensor] = huber_surrogate,
 ) -> tuple[Tensor, Tensor]:
     """Reference computation of NEG and POS with ``(B, n, n)`` pairwise matrices.
 
@@ -68,6 +101,8 @@ def dense_negatives_and_positives(
         valid: Boolean validity mask; invalid items take part in no pair.
             Shape: (B, n).
         tau: Margin of the surrogate.
+        surrogate: Smoothing of the step ``1[s_j >= s_i]`` as a function of
+            ``(s_i - s_j, tau)``; the Huber-like ``phi_tau`` by default.
 
     Returns:
         ``(neg, pos)``, both of shape (B, n). ``neg`` is differentiable with respect
@@ -77,7 +112,7 @@ def dense_negatives_and_positives(
     pair_valid = (valid[:, :, None] & valid[:, None, :]).to(scores.dtype)
     score_diff = scores[:, :, None] - scores[:, None, :]  # s_i - s_j
     target_gap = (targets[:, :, None] - targets[:, None, :]).clamp_min(0.0)
-    neg = (target_gap * huber_surrogate(score_diff, tau) * pair_valid).sum(dim=2)
+    neg = (target_gap * surrogate(score_diff, tau) * pair_valid).sum(dim=2)
     with torch.no_grad():
         higher_target = targets[:, None, :] >= targets[:, :, None]  # t_j >= t_i
         higher_score = scores[:, None, :] >= scores[:, :, None]  # s_j >= s_i
@@ -187,7 +222,7 @@ class _Plan:
 
 
 def _forward_sweep(
-    scores: Tensor, targets: Tensor, plan: _Plan, tau: float
+    scores: Tensor, targets: Tensor, plan: _Plan, tau: float, surrogate: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """NEG, POS and dNEG_i/ds_i for all items (no autograd)."""
     m = plan.size
@@ -214,7 +249,17 @@ def _forward_sweep(
         count_prefix = prefix[:, :1]
 
         # Upper-half anchors i against lower-half items j (t_j < t_i).
-        if upper.numel() > 0:
+        if upper.numel() > 0 and surrogate == "hinge":
+            ti, ai = t[upper], a[upper]
+            base = (segment[upper] - 1) * m
+            # (t_i - t_j)(a_i + s_j / tau) over s_j > s_i - tau.
+            lin = _range_sums(
+                sorted_keys, prefix, base + plan.rank_le_minus_tau[upper], base + m
+            )
+            n_l, s_l, _, t_l, ts_l, _ = lin.unbind(1)
+            neg[upper] += ti * ai * n_l + ti / tau * s_l - ai * t_l - ts_l / tau
+            dneg_anchor[upper] += -1.0 / tau * (ti * n_l - t_l)
+        elif upper.numel() > 0:
             ti, ai, ci = t[upper], a[upper], c[upper]
             base = (segment[upper] - 1) * m
             quad = _range_sums(
@@ -255,7 +300,12 @@ def _forward_sweep(
 
 
 def _backward_item_sweep(
-    scores: Tensor, targets: Tensor, grad_neg: Tensor, plan: _Plan, tau: float
+    scores: Tensor,
+    targets: Tensor,
+    grad_neg: Tensor,
+    plan: _Plan,
+    tau: float,
+    surrogate: str,
 ) -> Tensor:
     """``C_k = sum_i g_i (t_i - t_k)_+ phi'(s_i - s_k)`` for every item ``k``."""
     m = plan.size
@@ -270,6 +320,14 @@ def _backward_item_sweep(
         prefix = _prefix(moments[order])
         tk, bk = t[lower], b[lower]
         base = (segment[lower] + 1) * m
+        if surrogate == "hinge":
+            # Anchors with s_i < s_k + tau (phi' = -1/tau).
+            hinge = _range_sums(
+                sorted_keys, prefix, base, base + plan.rank_lt_plus_tau[lower]
+            )
+            g_h, gt_h, _, _ = hinge.unbind(1)
+            out[lower] += -1.0 / tau * (gt_h - tk * g_h)
+            continue
         # Anchors with s_i < s_k (phi' = -2/tau).
         lin = _range_sums(sorted_keys, prefix, base, base + plan.rank_lt[lower])
         # Anchors with s_k <= s_i < s_k + tau (phi' = -2/tau (b_k - s_i/tau)).
@@ -292,13 +350,19 @@ def _backward_item_sweep(
 class _FastNegatives(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: FunctionCtx, scores: Tensor, targets: Tensor, row: Tensor, tau: float
+        ctx: FunctionCtx,
+        scores: Tensor,
+        targets: Tensor,
+        row: Tensor,
+        tau: float,
+        surrogate: str,
     ) -> tuple[Tensor, Tensor]:
         plan = _Plan(scores, targets, row, tau)
-        neg, pos, dneg_anchor = _forward_sweep(scores, targets, plan, tau)
+        neg, pos, dneg_anchor = _forward_sweep(scores, targets, plan, tau, surrogate)
         ctx.save_for_backward(scores, targets, dneg_anchor)
         ctx.plan = plan  # type: ignore[attr-defined]
         ctx.tau = tau  # type: ignore[attr-defined]
+        ctx.surrogate = surrogate  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(pos)
         return neg, pos
 
@@ -306,17 +370,24 @@ class _FastNegatives(torch.autograd.Function):
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_neg: Tensor, grad_pos: Tensor
-    ) -> tuple[Tensor | None, None, None, None]:
+    ) -> tuple[Tensor | None, None, None, None, None]:
         scores, targets, dneg_anchor = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         tau: float = ctx.tau  # type: ignore[attr-defined]
-        item_terms = _backward_item_sweep(scores, targets, grad_neg, plan, tau)
+        surrogate: str = ctx.surrogate  # type: ignore[attr-defined]
+        item_terms = _backward_item_sweep(
+            scores, targets, grad_neg, plan, tau, surrogate
+        )
         grad_scores = grad_neg * dneg_anchor - item_terms
-        return grad_scores, None, None, None
+        return grad_scores, None, None, None, None
 
 
 def fast_negatives_and_positives(
-    scores: Tensor, targets: Tensor, row: Tensor, tau: float
+    scores: Tensor,
+    targets: Tensor,
+    row: Tensor,
+    tau: float,
+    surrogate: str = "huber",
 ) -> tuple[Tensor, Tensor]:
     """Exact NEG and POS without pairwise matrices, in ``O(n log^2 n)``.
 
@@ -326,6 +397,8 @@ def fast_negatives_and_positives(
         row: Index of the list each item belongs to (items of different lists never
             interact). Shape: (m,), int64.
         tau: Margin of the surrogate.
+        surrogate: ``"huber"`` (:func:`huber_surrogate`, default) or ``"hinge"``
+            (:func:`hinge_surrogate`; one linear piece for ``s_j > s_i - tau``).
 
     Returns:
         ``(neg, pos)``, both of shape (m,). ``neg`` is differentiable with respect to
@@ -333,5 +406,9 @@ def fast_negatives_and_positives(
     """
     if scores.numel() == 0:
         return scores * 0.0, scores.detach() * 0.0
-    neg, pos = _FastNegatives.apply(scores, targets.detach(), row, tau)
+    if surrogate not in SURROGATES:
+        raise ValueError(
+            f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}."
+        )
+    neg, pos = _FastNegatives.apply(scores, targets.detach(), row, tau, surrogate)
     return neg, pos

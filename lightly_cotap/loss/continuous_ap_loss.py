@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from lightly_cotap.loss._ranking_ops import (
+    SURROGATES,
     dense_negatives_and_positives,
     fast_negatives_and_positives,
 )
@@ -70,6 +71,9 @@ class ContinuousAPLoss(nn.Module):
         >>> loss = loss_fn(scores=student, targets=teacher)
         >>> loss.backward()
     """
+
+    #: Name of the step surrogate in :data:`~lightly_cotap.loss._ranking_ops.SURROGATES`.
+    _surrogate = "huber"
 
     def __init__(
         self,
@@ -150,7 +154,7 @@ class ContinuousAPLoss(nn.Module):
             ValueError: On shape mismatches, non-finite values among the valid items,
                 negative weights, a non-boolean mask, or targets that require grad.
         """
-        _validate(scores=scores, targets=targets, weights=weights, mask=mask)
+        validate_list_inputs(scores=scores, targets=targets, weights=weights, mask=mask)
         squeeze = scores.dim() == 1
         compute_dtype = (
             torch.float64 if scores.dtype == torch.float64 else torch.float32
@@ -191,22 +195,35 @@ class ContinuousAPLoss(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """NEG, POS and weights of the valid anchors (flattened or (B, n))."""
         if self._use_dense(s.shape[0], s.shape[1]):
-            neg, pos = dense_negatives_and_positives(s, t, valid, self.tau)
+            neg, pos = dense_negatives_and_positives(
+                s, t, valid, self.tau, surrogate=SURROGATES[self._surrogate]
+            )
             # Invalid anchors have w = 0 and POS = 0; avoid 0/0 in their l_i.
             pos = torch.where(valid, pos, torch.ones_like(pos))
             return neg, pos, w
         rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(s)
         fast_dtype = torch.float32 if s.device.type == "mps" else torch.float64
         neg, pos = fast_negatives_and_positives(
-            s[valid].to(fast_dtype), t[valid].to(fast_dtype), rows[valid], self.tau
+            s[valid].to(fast_dtype),
+            t[valid].to(fast_dtype),
+            rows[valid],
+            self.tau,
+            surrogate=self._surrogate,
         )
         return neg.to(s.dtype), pos.to(s.dtype), w[valid]
 
 
-def _validate(
+def validate_list_inputs(
     *, scores: Tensor, targets: Tensor, weights: Tensor | None, mask: Tensor | None
 ) -> None:
-    """Raises ValueError for inputs the loss cannot rank."""
+    """Raises ValueError for lists a list criterion cannot score.
+
+    Shared by :class:`ContinuousAPLoss` and the criteria of
+    :mod:`lightly_cotap.loss.correspondence_criteria`: ``scores`` floating point of
+    shape (n,) or (B, n); ``targets``, ``weights`` and ``mask`` of the same shape;
+    targets without grad; a bool mask; finite values and non-negative weights among
+    the valid items.
+    """
     if not isinstance(scores, Tensor) or not scores.is_floating_point():
         raise ValueError(
             f"scores must be a floating point tensor, got {type(scores).__name__}"

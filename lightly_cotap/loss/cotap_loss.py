@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,11 +35,29 @@ class CoTAPLoss(nn.Module):
     4. Student cosine similarities of the pairs are the scores, teacher cosine
        similarities the targets, and the anchor weights are
        ``(t - weight_offset)_+ * (1 for own-pair, negative_weight for other-image
-       pairs)``. All pairs of the batch are ranked as ONE list by
-       :class:`~lightly_cotap.loss.ContinuousAPLoss` (``n = B * top_k**2 * (1 +
-       num_negatives)`` items), as in the code of the authors [1].
+       pairs)``. All pairs of the batch are ranked as ONE list by the ``criterion``,
+       by default :class:`~lightly_cotap.loss.ContinuousAPLoss` (``n = B * top_k**2
+       * (1 + num_negatives)`` items), as in the code of the authors [1].
 
     The result is averaged over the pooling sizes.
+
+    The criterion is exchangeable: any module called as
+    ``criterion(scores=..., targets=..., weights=...)`` (the keyword signature of
+    :class:`~lightly_cotap.loss.ContinuousAPLoss`, see
+    :class:`~lightly_cotap.loss.correspondence_criteria.CorrespondenceCriterion`)
+    that returns a scalar. Per pooling size ``CoTAPLoss`` calls it once with
+
+    - ``scores``: the student cosines, shape ``(n,)``, one flattened list in
+      ``(image b, pair image r, cell i of x, cell j of x+)`` order (``r = 0`` is
+      the own ``x+``, ``r >= 1`` the other images), float32 (float64 for float64
+      inputs), differentiable;
+    - ``targets``: the teacher cosines of the same pairs, shape ``(n,)``, detached;
+    - ``weights``: the non-negative anchor weights above, shape ``(n,)``;
+    - no ``mask`` (every pair of the list is valid).
+
+    :mod:`lightly_cotap.loss.correspondence_criteria` holds alternatives (MSE, KL
+    of softmaxed lists, STEGO's correlation loss, top-k InfoNCE, binary AP on
+    thresholded targets, the hinge surrogate of the ranking loss).
 
     Inputs carry an explicit crop axis, ``(B, V, ...)``, for features *and* masks so
     that a mask can never be paired with the wrong image or crop. (The research notes
@@ -78,7 +97,9 @@ class CoTAPLoss(nn.Module):
         negative_weight: Factor on the anchor weight of other-image pairs.
         random_tie_break: Break ties of the foreground score at random.
         gather_distributed: Rank one list over the batches of all ranks.
-        ranking_loss: The :class:`ContinuousAPLoss` that ranks the list.
+        weight_offset: Anchor weights are ``(t - weight_offset)_+``.
+        criterion: The module that scores the list (default
+            :class:`ContinuousAPLoss`).
 
     Examples:
         >>> loss_fn = CoTAPLoss()
@@ -105,6 +126,7 @@ class CoTAPLoss(nn.Module):
         weight_offset: float = -0.2,
         random_tie_break: bool = True,
         gather_distributed: bool = False,
+        criterion: nn.Module | None = None,
     ) -> None:
         """Initializes the CoTAPLoss with the specified parameters.
 
@@ -116,16 +138,26 @@ class CoTAPLoss(nn.Module):
             num_negatives: Number of other images used as negatives, >= 0 (clamped
                 to ``B - 1``).
             negative_weight: Anchor-weight factor of other-image pairs, >= 0.
-            tau: Margin of the ranking surrogate (see ``ContinuousAPLoss``).
-            kappa: Multiplier of ``NEG / POS`` (see ``ContinuousAPLoss``).
+            tau: Margin of the ranking surrogate of the default criterion (see
+                ``ContinuousAPLoss``).
+            kappa: Multiplier of ``NEG / POS`` of the default criterion (see
+                ``ContinuousAPLoss``).
             weight_offset: Anchor weights are ``(t - weight_offset)_+``.
             random_tie_break: Break ties of the pooled foreground score at random.
             gather_distributed: Gather the selected cells of all ranks and rank one
                 global list.
+            criterion: Module that scores the list of pairs, called as
+                ``criterion(scores=, targets=, weights=)`` (see the class
+                docstring). ``None`` builds ``ContinuousAPLoss(tau=tau,
+                kappa=kappa, weight_offset=weight_offset)``; a given criterion is
+                configured on its own, so ``tau`` and ``kappa`` must then keep their
+                defaults.
 
         Raises:
-            ValueError: If an argument is out of range, or ``gather_distributed`` is
-                set and torch.distributed is not available.
+            ValueError: If an argument is out of range, ``criterion`` is not an
+                ``nn.Module`` or comes with non-default ``tau`` / ``kappa``, or
+                ``gather_distributed`` is set and torch.distributed is not
+                available.
         """
         super().__init__()
         sizes = tuple(pool_sizes)
@@ -152,14 +184,32 @@ class CoTAPLoss(nn.Module):
                 "Please set gather_distributed=False or install a torch distribution "
                 "with distributed support."
             )
+        if not math.isfinite(weight_offset):
+            raise ValueError(
+                f"weight_offset must be a finite number, got weight_offset={weight_offset!r}."
+            )
+        if criterion is not None and not isinstance(criterion, nn.Module):
+            raise ValueError(
+                "criterion must be an nn.Module called as criterion(scores=, "
+                f"targets=, weights=), got {type(criterion).__name__}."
+            )
+        if criterion is not None and (tau != 0.5 or kappa != 1.0):
+            raise ValueError(
+                "tau and kappa configure the default ContinuousAPLoss; with a "
+                f"criterion ({type(criterion).__name__}) set them on the criterion, "
+                f"got tau={tau}, kappa={kappa}."
+            )
         self.pool_sizes = sizes
         self.top_k = top_k
         self.num_negatives = num_negatives
         self.negative_weight = float(negative_weight)
         self.random_tie_break = random_tie_break
         self.gather_distributed = gather_distributed
-        self.ranking_loss = ContinuousAPLoss(
-            tau=tau, kappa=kappa, weight_offset=weight_offset
+        self.weight_offset = float(weight_offset)
+        self.criterion = (
+            ContinuousAPLoss(tau=tau, kappa=kappa, weight_offset=weight_offset)
+            if criterion is None
+            else criterion
         )
 
     def forward(
@@ -244,14 +294,14 @@ class CoTAPLoss(nn.Module):
                 targets, _ = pair_similarities(
                     anchors=t_x, positives=t_pos, negative_index=negatives
                 )
-                weights = (targets - self.ranking_loss.weight_offset).clamp_min(0.0)
+                weights = (targets - self.weight_offset).clamp_min(0.0)
                 weights = weights * torch.where(
                     is_positive,
                     torch.ones_like(weights),
                     torch.full_like(weights, self.negative_weight),
                 )
             losses.append(
-                self.ranking_loss(
+                self.criterion(
                     scores=scores.flatten(),
                     targets=targets.flatten(),
                     weights=weights.flatten(),

@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightly_cotap.loss import cotap_loss
+from lightly_cotap.loss import ContinuousAPLoss, cotap_loss
 from lightly_cotap.loss.cotap_loss import (
     CoTAPLoss,
     draw_negative_images,
@@ -432,3 +432,105 @@ def test_cotap_loss_non_finite_features() -> None:
 
 def test_module_exports() -> None:
     assert cotap_loss.CoTAPLoss is CoTAPLoss
+
+
+# ----------------------------------------------------------------------------------
+# Exchangeable criterion.
+# ----------------------------------------------------------------------------------
+
+
+class _RecordingCriterion(nn.Module):
+    """Records the keyword arguments of every call; returns the mean score."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict[str, Tensor | None]] = []
+
+    def forward(
+        self,
+        *,
+        scores: Tensor,
+        targets: Tensor,
+        weights: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        self.calls.append(
+            dict(scores=scores, targets=targets, weights=weights, mask=mask)
+        )
+        return scores.mean()
+
+
+def test_criterion_receives_one_flat_list_per_pool_size() -> None:
+    inputs = _random_batch(batch=4, crops=2, seed=10)
+    recorder = _RecordingCriterion()
+    loss_fn = CoTAPLoss(pool_sizes=(2, 4), top_k=3, num_negatives=2, criterion=recorder)
+    torch.manual_seed(0)
+    loss = loss_fn(**inputs)
+    assert len(recorder.calls) == 2
+    # Replay the same draws to rebuild the pairs of pool size 2.
+    torch.manual_seed(0)
+    index_x = select_foreground_cells(inputs["fg_mask_x"], pool_size=2, top_k=3)
+    index_pos = select_foreground_cells(inputs["fg_mask_pos"], pool_size=2, top_k=3)
+    negatives = draw_negative_images(batch_size=4, num_negatives=2)
+    cells = [
+        gather_cells(pool_cells(inputs[name], 2), index)
+        for name, index in (
+            ("student_x", index_x),
+            ("student_pos", index_pos),
+            ("teacher_x", index_x),
+            ("teacher_pos", index_pos),
+        )
+    ]
+    scores, is_positive = pair_similarities(
+        anchors=cells[0], positives=cells[1], negative_index=negatives
+    )
+    targets, _ = pair_similarities(
+        anchors=cells[2], positives=cells[3], negative_index=negatives
+    )
+    weights = (targets + 0.2).clamp_min(0) * torch.where(is_positive, 1.0, 0.1)
+    call = recorder.calls[0]
+    n = 4 * 3 * 3 * (1 + 2)
+    for name, expected in (
+        ("scores", scores),
+        ("targets", targets),
+        ("weights", weights),
+    ):
+        value = call[name]
+        assert value is not None and value.shape == (n,)
+        torch.testing.assert_close(value, expected.flatten())
+    assert call["mask"] is None
+    assert call["scores"] is not None and call["scores"].requires_grad
+    assert call["targets"] is not None and not call["targets"].requires_grad
+    torch.testing.assert_close(
+        loss,
+        torch.stack([c["scores"].mean() for c in recorder.calls]).mean(),  # type: ignore[union-attr]
+    )
+
+
+def test_default_criterion_is_continuous_ap_loss() -> None:
+    inputs = _random_batch(seed=11)
+    default = CoTAPLoss(pool_sizes=(2, 4), top_k=3, num_negatives=2, tau=0.3)
+    given = CoTAPLoss(
+        pool_sizes=(2, 4),
+        top_k=3,
+        num_negatives=2,
+        criterion=ContinuousAPLoss(tau=0.3, weight_offset=5.0),
+    )
+    assert isinstance(default.criterion, ContinuousAPLoss)
+    assert default.criterion.tau == 0.3
+    # CoTAPLoss passes its own weights, so the criterion's weight_offset is unused.
+    torch.testing.assert_close(default(**inputs), given(**inputs))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(criterion=ContinuousAPLoss(), tau=0.3), "tau and kappa"),
+        (dict(criterion=ContinuousAPLoss(), kappa=2.0), "tau and kappa"),
+        (dict(criterion=lambda **kw: kw["scores"].sum()), "nn.Module"),
+        (dict(weight_offset=float("nan")), "weight_offset"),
+    ],
+)
+def test_cotap_loss_bad_criterion_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        CoTAPLoss(**kwargs)
