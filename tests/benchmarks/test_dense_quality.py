@@ -74,6 +74,27 @@ def test_quick_run_writes_every_row_and_diagnostic(
     assert "Gate (P minus random initialisation" in table
     assert (out / "pca.png").is_file()
 
+    # The stage-1 generalisation diagnostic reads the run's checkpoints.
+    generalization = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT.parent / "stage1_generalization.py"),
+            "--run",
+            str(out),
+            "--objects",
+            str(objects),
+            "--backgrounds",
+            str(backgrounds),
+            "--images",
+            "30",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "| P seed0 |" in generalization.stdout
+
     # The saved stage-1 checkpoint starts a second run without stage-1 training.
     p_file = out / "stage1" / "seed0.pth"
     again = tmp_path / "again"
