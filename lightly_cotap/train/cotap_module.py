@@ -275,6 +275,29 @@ class CoTAPModule(pl.LightningModule):
         self.teacher.backbone.load_state_dict(self.student.backbone.state_dict())
         return report.summary()
 
+    def compile_networks(
+        self, *, objective: bool = True, **compile_kwargs: Any
+    ) -> None:
+        """Compiles the student, the teacher and the objective with ``torch.compile``.
+
+        Each is compiled in place (``nn.Module.compile``): state-dict keys,
+        checkpoints and the exported backbone stay as without compilation. The
+        objective captures as one graph without breaks on the dense ranking path
+        (lists up to the device's bound), where the compiler fuses the ``(n, n)``
+        element-wise work; the sort-based path of longer lists runs eagerly inside
+        it.
+
+        Args:
+            objective: Also compile the objective.
+            **compile_kwargs: Arguments of ``torch.compile`` (e.g. ``mode``,
+                ``backend``).
+        """
+        modules: list[nn.Module] = [self.student, self.teacher]
+        if objective:
+            modules.append(self.objective)
+        for module in modules:
+            module.compile(**compile_kwargs)
+
     def schedule_steps(self) -> int:
         """Number of steps of the schedules (momentum, learning rate, weight decay)."""
         if self.hparams["max_steps"] is not None:
