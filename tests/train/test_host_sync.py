@@ -96,7 +96,7 @@ def test_training_step_does_not_synchronise() -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, DataLoader([batch] * 4, batch_size=None))
+    trainer.fit(module, DataLoader([batch] * 4, batch_size=None))  # type: ignore[arg-type]
     # Step 1 initialised the prototypes; steps 0, 2 and 3 ran under the guard,
     # before the bank was full and with the prototype entropy term.
     assert module.guarded_steps == [0, 2, 3]
