@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -59,9 +60,19 @@ class _ForbidHostSync(TorchDispatchMode):
         ):
             raise HostSyncError(
                 f"{func} synchronises the host with the device (a tensor converted "
-                "to a Python value, or an output shape that depends on tensor values)."
+                "to a Python value, or an output shape that depends on tensor "
+                f"values), called at {_caller()}."
             )
         return func(*args, **(kwargs or {}))
+
+
+def _caller() -> str:
+    """The innermost frame of the stack outside torch and this module."""
+    for frame in reversed(traceback.extract_stack()):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" not in path and not path.endswith("host_sync.py"):
+            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return "an unknown place"
 
 
 def _has_mask_index(indices: Any) -> bool:
@@ -72,7 +83,9 @@ def _has_mask_index(indices: Any) -> bool:
 
 
 def _forbidden_tolist(self: torch.Tensor) -> Any:
-    raise HostSyncError("Tensor.tolist synchronises the host with the device.")
+    raise HostSyncError(
+        f"Tensor.tolist synchronises the host with the device, called at {_caller()}."
+    )
 
 
 @contextmanager
