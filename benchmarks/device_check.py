@@ -63,6 +63,9 @@ FCN_CONFIG = ROOT / "mmseg_configs/fcn/fcn_cotap-vit-s16_4xb4-40k_voc12aug-512x5
 AUTO_TARGET = 1.10
 STEP_TARGET = 1.3
 
+#: timm arguments of the CPU smoke run's ViT (with "vit_tiny_patch16_224").
+TINY_VIT = dict(patch_size=8, depth=2, embed_dim=48, num_heads=2)
+
 #: Sizes of a run on one GPU and of the CPU smoke run.
 SIZES: dict[str, dict[str, Any]] = {
     "gpu": dict(
@@ -81,9 +84,7 @@ SIZES: dict[str, dict[str, Any]] = {
     "cpu": dict(
         step_preset=dict(
             backbone="vit_tiny_patch16_224",
-            backbone_kwargs=dict(
-                img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2
-            ),
+            backbone_kwargs=dict(img_size=32, **TINY_VIT),
             global_crop_size=32,
             local_crop_size=16,
             n_local_views=2,
@@ -115,7 +116,7 @@ SIZES: dict[str, dict[str, Any]] = {
             arch="vit_tiny_patch16_224",
             img_size=32,
             batch=2,
-            timm=dict(patch_size=8, depth=2, embed_dim=48, num_heads=2),
+            timm=TINY_VIT,
         ),
         mmseg=dict(img_size=64, batch=2, iters=2),
         dtype=torch.bfloat16,
@@ -459,11 +460,12 @@ def check_mmseg(sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
             arch="vit_tiny_patch16_224",
             img_size=(size, size),
             out_indices=(0, 1),
-            timm_kwargs=dict(patch_size=8, depth=2, embed_dim=48, num_heads=2),
+            timm_kwargs=TINY_VIT,
             num_prototypes=4,
         )
-        model_cfg.decode_head.update(in_channels=96, channels=16)
-        model_cfg.auxiliary_head.update(in_channels=48, channels=16)
+        width = TINY_VIT["embed_dim"]
+        model_cfg.decode_head.update(in_channels=2 * width, channels=16)  # filter: 2D
+        model_cfg.auxiliary_head.update(in_channels=width, channels=16)
     else:
         model_cfg.backbone.img_size = (size, size)
     model = MODELS.build(model_cfg)  # random weights: init_weights is not needed
