@@ -519,13 +519,15 @@ def check_mmseg(sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def check_compile(
-    sizes: dict[str, Any], device: torch.device, batch_size: int
+    sizes: dict[str, Any], device: torch.device, batch_size: int, backend: str
 ) -> dict[str, Any]:
     preset = sizes["step_preset"]
     torch.manual_seed(0)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     modules = {"eager": build_module(preset, full=True).to(device).train()}
     modules["compiled"] = copy.deepcopy(modules["eager"])
-    modules["compiled"].compile_networks()
+    modules["compiled"].compile_networks(backend=backend)
     optimizers = {name: _optimizer(module) for name, module in modules.items()}
     batch = _batch(preset, batch_size, device)
     dtype = sizes["dtype"]
@@ -539,8 +541,12 @@ def check_compile(
             times[name] += _train(module, optimizers[name], batch, 1, dtype)
     median = {k: statistics.median(v) for k, v in times.items()}
     images = 2 * batch_size
+    breaks = torch._dynamo.utils.counters["graph_break"]
     return {
+        "backend": backend,
         "batch_pairs": batch_size,
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": [reason[:200] for reason, _ in breaks.most_common(3)],
         "compile_and_first_steps_s": round(compile_s, 1),
         "images_per_s": {k: round(images / v, 1) for k, v in median.items()},
         "speedup": round(median["eager"] / median["compiled"], 3),
@@ -571,7 +577,13 @@ def table(report: dict[str, Any]) -> str:
         ],
         "filter": ["time_ratio", "memory_ratio", "with", "without"],
         "mmseg": ["iterations_per_s", "batch", "img_size", "peak_gib"],
-        "compile": ["compile_and_first_steps_s", "images_per_s", "speedup"],
+        "compile": [
+            "backend",
+            "compile_and_first_steps_s",
+            "images_per_s",
+            "speedup",
+            "graph_breaks",
+        ],
     }
     lines = ["| section | measure | value | status |", "| --- | --- | --- | --- |"]
     for section, keys in wanted.items():
@@ -617,6 +629,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="Sections to run (in the fixed order).",
     )
     parser.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend of the compile section (default: inductor; "
+        "eager with --cpu-smoke, where inductor takes minutes: it then checks the "
+        "graph capture only).",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         default=450.0,
@@ -627,9 +646,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     smoke = args.cpu_smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
     sizes = SIZES["cpu" if smoke else "gpu"]
-    if smoke and "compile" in args.sections and args.sections[-1] == "compile":
-        # Inductor compiles take minutes on a CPU; the smoke run checks the rest.
-        args.sections = [s for s in args.sections if s != "compile"]
+    backend = args.compile_backend or ("eager" if smoke else "inductor")
     budget = Budget(args.budget_s)
     report: dict[str, Any] = {
         "hardware": _hardware(device),
@@ -651,6 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 sizes,
                 device,
                 max(1, sections.get("step", {}).get("batch_pairs", 32) // 2),
+                backend,
             ),
             150,
         ),

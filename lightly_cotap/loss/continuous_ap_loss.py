@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor, nn
 
@@ -271,13 +269,19 @@ def default_dense_max_pairs(device: torch.device, dtype: torch.dtype) -> int:
     if device.type != "cuda":
         return CPU_DENSE_MAX_PAIRS
     index = device.index if device.index is not None else torch.cuda.current_device()
-    bytes_per_pair = DENSE_TENSORS_PER_PAIR * torch.empty((), dtype=dtype).itemsize
+    bytes_per_pair = DENSE_TENSORS_PER_PAIR * dtype.itemsize
     return int(CUDA_DENSE_MEMORY_FRACTION * _cuda_total_memory(index) / bytes_per_pair)
 
 
-@functools.lru_cache(maxsize=None)
+_CUDA_TOTAL_MEMORY: dict[int, int] = {}
+
+
 def _cuda_total_memory(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).total_memory)
+    """Total memory of a CUDA device in bytes (read once per device)."""
+    if index not in _CUDA_TOTAL_MEMORY:
+        properties = torch.cuda.get_device_properties(index)
+        _CUDA_TOTAL_MEMORY[index] = int(properties.total_memory)
+    return _CUDA_TOTAL_MEMORY[index]
 
 
 def _validate(
