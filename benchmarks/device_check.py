@@ -607,6 +607,15 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _compile_batch(step: dict[str, Any], sizes: dict[str, Any]) -> int:
+    """Half the largest batch the step section found (compiled graphs may need more
+    memory), else the sync section's batch.
+    """
+    if "batch_pairs" in step:
+        return max(1, int(step["batch_pairs"]) // 2)
+    return int(sizes["sync_batch"])
+
+
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -667,7 +676,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             lambda: check_compile(
                 sizes,
                 device,
-                max(1, sections.get("step", {}).get("batch_pairs", 32) // 2),
+                _compile_batch(sections.get("step", {}), sizes),
                 backend,
             ),
             150,
