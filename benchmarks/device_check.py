@@ -50,7 +50,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from continuous_ap_loss import crossover, sweep  # noqa: E402
-from train_step import PRESETS, build_module, fake_views, step_losses  # noqa: E402
+from train_step import (  # noqa: E402
+    PRESETS,
+    adamw,
+    build_module,
+    fake_views,
+    step_losses,
+    train_steps,
+)
 
 from lightly_cotap.loss import ContinuousAPLoss  # noqa: E402
 from lightly_cotap.loss._ranking_ops import fast_negatives_and_positives  # noqa: E402
@@ -211,43 +218,20 @@ def _batch(preset: dict[str, Any], batch_size: int, device: torch.device) -> Any
     return tuple(fake_views(transform, batch_size, device) for _ in range(2))
 
 
-def _optimizer(module: Any) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        [p for p in module.student.parameters() if p.requires_grad], lr=1e-5
-    )
-
-
-def _train(
-    module: Any,
-    optimizer: torch.optim.Optimizer,
-    batch: Any,
-    steps: int,
-    dtype: torch.dtype,
-) -> list[float]:
-    """Seconds per step (EMA, forwards, objective, backward, AdamW)."""
-    device = batch[0]["boxes"].device
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        step_losses(module, batch, dtype)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def check_sync(sizes: dict[str, Any], device: torch.device) -> dict[str, Any]:
     preset = dict(sizes["step_preset"], batch_size=sizes["sync_batch"])
     torch.manual_seed(0)
     module = build_module(preset, full=True).to(device).train()
-    optimizer = _optimizer(module)
+    optimizer = adamw(module)
     batch = _batch(preset, preset["batch_size"], device)
     # Warm-up until the prototypes are initialised (k-means runs once per run and
     # reads values on purpose), so the checked step has every term.
-    while not module.backbone.prototypes_initialized:
-        _train(module, optimizer, batch, 1, sizes["dtype"])
+    for _ in range(64):
+        if module.backbone.prototypes_initialized:
+            break
+        train_steps(module, optimizer, batch, 1, sizes["dtype"])
+    else:
+        raise RuntimeError("the prototypes were not initialised in 64 steps")
     with forbid_host_sync():
         step_losses(module, batch, sizes["dtype"])
     _sync(device)
@@ -302,7 +286,7 @@ def _fits(
     device = next(module.parameters()).device
     try:
         batch = _batch(preset, batch_size, device)
-        _train(module, optimizer, batch, 2, sizes["dtype"])
+        train_steps(module, optimizer, batch, 2, sizes["dtype"])
         return True
     except RuntimeError as error:
         if not _is_oom(error):
@@ -353,7 +337,7 @@ def check_step(
         "cotap": build_module(preset, full=True).to(device).train(),
         "dino_cls": build_module(preset, full=False).to(device).train(),
     }
-    optimizers = {name: _optimizer(module) for name, module in modules.items()}
+    optimizers = {name: adamw(module) for name, module in modules.items()}
     batch_size = largest_batch(
         modules["cotap"], optimizers["cotap"], preset, sizes, budget
     )
@@ -362,13 +346,13 @@ def check_step(
     peak: dict[str, float | None] = {}
     dtype = sizes["dtype"]
     for name, module in modules.items():
-        _train(module, optimizers[name], batch, 2, dtype)  # warm-up
+        train_steps(module, optimizers[name], batch, 2, dtype)  # warm-up
         _reset_peak(device)
-        times[name] += _train(module, optimizers[name], batch, 1, dtype)
+        times[name] += train_steps(module, optimizers[name], batch, 1, dtype)
         peak[name] = _peak_gib(device)
     for _ in range(sizes["timed_steps"]):  # interleaved against drift
         for name, module in modules.items():
-            times[name] += _train(module, optimizers[name], batch, 1, dtype)
+            times[name] += train_steps(module, optimizers[name], batch, 1, dtype)
     median = {name: statistics.median(t) for name, t in times.items()}
     images = 2 * batch_size  # x and its neighbour x+ per pair
     ratio = median["cotap"] / median["dino_cls"]
@@ -528,17 +512,19 @@ def check_compile(
     modules = {"eager": build_module(preset, full=True).to(device).train()}
     modules["compiled"] = copy.deepcopy(modules["eager"])
     modules["compiled"].compile_networks(backend=backend)
-    optimizers = {name: _optimizer(module) for name, module in modules.items()}
+    optimizers = {name: adamw(module) for name, module in modules.items()}
     batch = _batch(preset, batch_size, device)
     dtype = sizes["dtype"]
     start = time.monotonic()
-    _train(modules["compiled"], optimizers["compiled"], batch, 2, dtype)  # compiles
+    train_steps(
+        modules["compiled"], optimizers["compiled"], batch, 2, dtype
+    )  # compiles
     compile_s = time.monotonic() - start
-    _train(modules["eager"], optimizers["eager"], batch, 2, dtype)
+    train_steps(modules["eager"], optimizers["eager"], batch, 2, dtype)
     times: dict[str, list[float]] = {"eager": [], "compiled": []}
     for _ in range(sizes["timed_steps"]):
         for name, module in modules.items():
-            times[name] += _train(module, optimizers[name], batch, 1, dtype)
+            times[name] += train_steps(module, optimizers[name], batch, 1, dtype)
     median = {k: statistics.median(v) for k, v in times.items()}
     images = 2 * batch_size
     breaks = torch._dynamo.utils.counters["graph_break"]

@@ -130,6 +130,36 @@ def step_losses(
     return loss
 
 
+def train_steps(
+    module: CoTAPModule,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Any, ...],
+    steps: int,
+    dtype: torch.dtype | None,
+) -> list[float]:
+    """Seconds of each of ``steps`` training steps (:func:`step_losses`, AdamW)."""
+    device = batch[0]["boxes"].device
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step_losses(module, batch, dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def adamw(module: CoTAPModule) -> torch.optim.Optimizer:
+    """AdamW over the trainable student parameters."""
+    return torch.optim.AdamW(
+        [p for p in module.student.parameters() if p.requires_grad], lr=1e-5
+    )
+
+
 def time_steps(
     module: CoTAPModule,
     batch: tuple[Any, ...],
@@ -140,23 +170,9 @@ def time_steps(
 ) -> list[float]:
     """Seconds of each of ``steps`` training steps after ``warmup`` untimed ones."""
     module.to(device).train()
-    optimizer = torch.optim.AdamW(
-        [p for p in module.student.parameters() if p.requires_grad], lr=1e-5
-    )
+    optimizer = adamw(module)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step_losses(module, batch, dtype)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    return train_steps(module, optimizer, batch, warmup + steps, dtype)[warmup:]
 
 
 def main() -> None:
