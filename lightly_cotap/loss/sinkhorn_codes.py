@@ -17,9 +17,9 @@ class SinkhornCodes(MemoryBankModule):
     distributed :func:`lightly.loss.swav_loss.sinkhorn` balance the assignment of
     all of them to the K prototypes (``exp(score / epsilon)``, ``iterations``
     row/column normalisations), and the codes of the current batch are returned
-    (every row sums to 1). Afterwards, if ``update`` is True, up to ``queue_update_size``
-    randomly chosen rows of the batch (optionally only those flagged by
-    ``enqueue_mask``, e.g. foreground patches) are pushed into the queue.
+    (every row sums to 1). Afterwards, if ``update`` is True, up to
+    ``queue_update_size`` randomly chosen rows of the batch (optionally only those
+    flagged by ``enqueue_mask``, e.g. foreground patches) are pushed into the queue.
 
     This follows the code of CoTAP [1] (``LossWrapper.sinkhorn`` and its
     ``MemoryBankPatch`` / ``MemoryBankCls`` queues): patch codes use
@@ -34,10 +34,10 @@ class SinkhornCodes(MemoryBankModule):
     The queue is a ``MemoryBankModule`` (per process, not saved in the state dict;
     it refills after resuming). Its pointer and fill level stay on the device and
     the Sinkhorn iterations run over the whole queue with the rows not filled yet
-    masked out, so a call never waits for the device (no host synchronisation). With ``gather_distributed=True`` the Sinkhorn
-    normalisations sum over all processes (Lightly's ``sinkhorn`` all-reduces), so
-    the codes are balanced over the queues and batches of all ranks. Computed in
-    float32 without gradient.
+    masked out, so a call never waits for the device (no host synchronisation).
+    With ``gather_distributed=True`` the Sinkhorn normalisations sum over all
+    processes (as Lightly's ``sinkhorn`` does), so the codes are balanced over the
+    queues and batches of all ranks. Computed in float32 without gradient.
 
     - [0]: SwAV, 2020, https://arxiv.org/abs/2006.09882
     - [1]: https://github.com/KID-7391/CoTAP (``losses/loss_wrapper.py``)

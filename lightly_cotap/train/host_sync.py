@@ -39,7 +39,7 @@ class HostSyncError(RuntimeError):
 
 
 class _ForbidHostSync(TorchDispatchMode):
-    """Raises :class:`HostSyncError` on :data:`SYNCING_OPS` and boolean-mask indexing."""
+    """Raises :class:`HostSyncError` on :data:`SYNCING_OPS` and boolean masks."""
 
     def __torch_dispatch__(
         self,
