@@ -98,6 +98,10 @@ class CoTAPModule(pl.LightningModule):
     ``final_lr_ratio`` (1/10) of them without warm-up; weight decay on weights only
     (no norms, no biases), cosine ramp from ``weight_decay_start`` (0.024) to
     ``weight_decay_end`` (0.24). Mixed precision is the Trainer's ``precision``.
+    Except for the one step that initialises the prototypes (k-means), a training
+    step never waits for the device (no host synchronisation), so the host queues
+    the next kernels while the GPU works; :meth:`compile_networks` compiles the
+    networks and the objective.
 
     Differences from the official code (documented choices): when k-means sets the
     student's prototypes, they are copied to the teacher too (officially the
