@@ -57,7 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _fake_views(
+def fake_views(
     transform: CoTAPTransform, batch_size: int, device: torch.device
 ) -> dict[str, Any]:
     """Random crops with boxes sampled like CoTAPTransform's (no image decoding)."""
@@ -80,7 +80,11 @@ def _fake_views(
     }
 
 
-def _module(preset: dict[str, Any], full: bool) -> CoTAPModule:
+def build_module(preset: dict[str, Any], full: bool) -> CoTAPModule:
+    """The CoTAP module of a preset: the full objective or the DINO-style CLS loss.
+
+    A preset's optional ``module_kwargs`` / ``objective_kwargs`` are passed on.
+    """
     weights = (
         {}
         if full
@@ -95,6 +99,7 @@ def _module(preset: dict[str, Any], full: bool) -> CoTAPModule:
             pool_sizes=preset["pool_sizes"],
             roi_output_size=preset["roi_output_size"],
             **weights,
+            **preset.get("objective_kwargs", {}),
         ),
         # A small bank so that the prototypes are initialised during warm-up and
         # the entropy loss is part of the timed steps.
@@ -103,10 +108,59 @@ def _module(preset: dict[str, Any], full: bool) -> CoTAPModule:
         kmeans_iters=20,
         prototype_entropy_weight=1.0 if full else 0.0,
         max_steps=1000,
+        **preset.get("module_kwargs", {}),
     )
 
 
-def _time_steps(
+def step_losses(
+    module: CoTAPModule, batch: tuple[Any, ...], dtype: torch.dtype | None
+) -> torch.Tensor:
+    """The part of a step that must not synchronise: EMA update, forwards under
+    autocast (``dtype`` None: float32), objective, backward. Returns the loss.
+    """
+    from lightly.models import utils
+
+    utils.update_momentum(module.student, module.teacher, m=0.9997)
+    device_type = batch[0]["boxes"].device.type
+    with torch.autocast(
+        device_type, dtype=dtype or torch.float32, enabled=dtype is not None
+    ):
+        loss, _ = module.compute_losses(batch)
+    loss.backward()
+    return loss
+
+
+def train_steps(
+    module: CoTAPModule,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[Any, ...],
+    steps: int,
+    dtype: torch.dtype | None,
+) -> list[float]:
+    """Seconds of each of ``steps`` training steps (:func:`step_losses`, AdamW)."""
+    device = batch[0]["boxes"].device
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step_losses(module, batch, dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def adamw(module: CoTAPModule) -> torch.optim.Optimizer:
+    """AdamW over the trainable student parameters."""
+    return torch.optim.AdamW(
+        [p for p in module.student.parameters() if p.requires_grad], lr=1e-5
+    )
+
+
+def time_steps(
     module: CoTAPModule,
     batch: tuple[Any, ...],
     steps: int,
@@ -114,31 +168,11 @@ def _time_steps(
     device: torch.device,
     precision: str,
 ) -> list[float]:
-    from lightly.models import utils
-
+    """Seconds of each of ``steps`` training steps after ``warmup`` untimed ones."""
     module.to(device).train()
-    optimizer = torch.optim.AdamW(
-        [p for p in module.student.parameters() if p.requires_grad], lr=1e-5
-    )
+    optimizer = adamw(module)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        utils.update_momentum(module.student, module.teacher, m=0.9997)
-        with torch.autocast(
-            device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-        ):
-            loss, _ = module.compute_losses(batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    return train_steps(module, optimizer, batch, warmup + steps, dtype)[warmup:]
 
 
 def main() -> None:
@@ -167,21 +201,21 @@ def main() -> None:
         n_local_views=preset["n_local_views"],
     )
     batch = (
-        _fake_views(transform, preset["batch_size"], device),
-        _fake_views(transform, preset["batch_size"], device),
+        fake_views(transform, preset["batch_size"], device),
+        fake_views(transform, preset["batch_size"], device),
     )
     results: dict[str, list[float]] = {}
     # Interleave the two configurations to spread machine noise over both.
     modules = {
-        "dino_cls": _module(preset, full=False),
-        "cotap": _module(preset, full=True),
+        "dino_cls": build_module(preset, full=False),
+        "cotap": build_module(preset, full=True),
     }
     for module in modules.values():
-        _time_steps(module, batch, 0, args.warmup, device, args.precision)
+        time_steps(module, batch, 0, args.warmup, device, args.precision)
     for _ in range(2):
         for name, module in modules.items():
             results.setdefault(name, []).extend(
-                _time_steps(module, batch, args.steps, 0, device, args.precision)
+                time_steps(module, batch, args.steps, 0, device, args.precision)
             )
     base = statistics.median(results["dino_cls"])
     print(

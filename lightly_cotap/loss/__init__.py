@@ -21,6 +21,11 @@ from lightly_cotap.loss.multi_patch_vicreg_loss import MultiPatchVICRegLoss
 from lightly_cotap.loss.patch_cluster_loss import PatchClusterLoss
 from lightly_cotap.loss.prototype_entropy_loss import PrototypeEntropyLoss
 from lightly_cotap.loss.sinkhorn_codes import SinkhornCodes
+from lightly_cotap.loss.value_checks import (
+    set_value_checks,
+    value_checks,
+    value_checks_enabled,
+)
 
 __all__ = [
     "BinaryAPLoss",
@@ -45,4 +50,7 @@ __all__ = [
     "PatchClusterLoss",
     "PrototypeEntropyLoss",
     "SinkhornCodes",
+    "set_value_checks",
+    "value_checks",
+    "value_checks_enabled",
 ]

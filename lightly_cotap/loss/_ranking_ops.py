@@ -30,7 +30,10 @@ Two exact implementations are provided:
   which makes ties in ``t`` exact for free (they contribute 0 to NEG and are
   counted once in POS by a separate tie term). Time ``O(n log^2 n)``, memory
   ``O(n)`` per level. The gradient is computed analytically with one more sweep,
-  so nothing of size ``n x n`` and no per-level autograd graph is stored.
+  so nothing of size ``n x n`` and no per-level autograd graph is stored. The
+  halves are told apart by masks over all items rather than by index lists, and
+  the number of levels can be bounded by the list length, so that nothing needs
+  a value from the device (no host synchronisation).
 
 ``phi_tau`` is continuous with a continuous derivative (slope ``-2/tau`` at 0 from
 both sides, 0 at ``tau``), so how the range boundaries treat ties in ``s`` changes
@@ -128,13 +131,23 @@ def _sort_rows_then_values(row: Tensor, values: Tensor) -> Tensor:
     return by_value[by_row]
 
 
-def _target_ranks(row: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+def _target_ranks(
+    row: Tensor, targets: Tensor, row_length: int | None
+) -> tuple[Tensor, int]:
     """Dense ranks of the targets within each row, offset so rows never share a block.
+
+    Args:
+        row: List index of every item. Shape: (m,).
+        targets: Targets. Shape: (m,).
+        row_length: Upper bound of the number of items (hence of distinct targets)
+            in a row, or None to count the distinct targets.
 
     Returns:
         ``(rank, num_levels)``: ``rank = row * 2**num_levels + dense_rank_in_row``
         where ``2**num_levels`` is at least the largest number of distinct targets
-        in a row.
+        in a row. With ``row_length`` the number of levels is known without reading
+        a value from the device (no host synchronisation); with many tied targets
+        the extra levels find no pairs and add only their time.
     """
     order = _sort_rows_then_values(row, targets)
     sorted_targets = targets[order]
@@ -148,30 +161,29 @@ def _target_ranks(row: Tensor, targets: Tensor) -> tuple[Tensor, int]:
     new_row[1:] = sorted_rows[1:] != sorted_rows[:-1]
     row_start_id = torch.cummax(torch.where(new_row, distinct_id, 0), dim=0).values
     rank_in_row = distinct_id - row_start_id
-    max_distinct = int(rank_in_row.max().item()) + 1
-    num_levels = max(max_distinct - 1, 0).bit_length()
+    if row_length is None:
+        row_length = int(rank_in_row.max().item()) + 1
+    num_levels = max(row_length - 1, 0).bit_length()
     rank = torch.empty_like(rank_in_row)
     rank[order] = sorted_rows * (1 << num_levels) + rank_in_row
     return rank, num_levels
 
 
-def _range_sums(
-    sorted_keys: Tensor, prefix: Tensor, lower_keys: Tensor, upper_keys: Tensor
-) -> Tensor:
-    """Sums of the rows of ``prefix``'s increments whose keys lie in ``[lower, upper)``.
+def _prefix_at(sorted_keys: Tensor, prefix: Tensor, bounds: Tensor) -> Tensor:
+    """Prefix sums up to (excluding) the first key ``>= bound``, for every bound.
+
+    The sum of the rows whose keys lie in ``[lower, upper)`` is
+    ``_prefix_at(.., upper) - _prefix_at(.., lower)``.
 
     Args:
         sorted_keys: Ascending int64 keys. Shape: (m,).
         prefix: Prefix sums with a leading zero row. Shape: (m + 1, c).
-        lower_keys: Inclusive lower key per query. Shape: (q,).
-        upper_keys: Exclusive upper key per query. Shape: (q,).
+        bounds: Int64 key bounds of any shape ``S``.
 
     Returns:
-        Per-query sums. Shape: (q, c).
+        Shape: (*S, c).
     """
-    lower = torch.searchsorted(sorted_keys, lower_keys)
-    upper = torch.searchsorted(sorted_keys, upper_keys)
-    return prefix[upper] - prefix[lower]
+    return prefix[torch.searchsorted(sorted_keys, bounds)]
 
 
 def _prefix(values: Tensor) -> Tensor:
@@ -183,10 +195,17 @@ def _prefix(values: Tensor) -> Tensor:
 class _Plan:
     """Sort orders shared by the forward and backward sweeps of one list."""
 
-    def __init__(self, scores: Tensor, targets: Tensor, row: Tensor, tau: float):
+    def __init__(
+        self,
+        scores: Tensor,
+        targets: Tensor,
+        row: Tensor,
+        tau: float,
+        row_length: int | None,
+    ):
         m = scores.shape[0]
         self.size = m
-        self.target_rank, self.num_levels = _target_ranks(row, targets)
+        self.target_rank, self.num_levels = _target_ranks(row, targets, row_length)
         score_order = torch.argsort(scores, stable=True)
         self.score_rank = torch.empty_like(score_order)
         self.score_rank[score_order] = torch.arange(m, device=scores.device)
@@ -200,24 +219,24 @@ class _Plan:
         self.rank_lt_plus_tau = torch.searchsorted(
             sorted_scores, scores + tau, right=False
         )
-        self._levels: dict[int, tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = {}
+        self._levels: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    def level(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def level(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Half-block keys of level ``k`` (computed once, reused by the backward).
 
         Returns:
-            ``(segment, order, sorted_keys, upper_idx, lower_idx)``: the half-block
-            id of every item, the permutation sorting items by (half-block, score
-            rank), the sorted keys, and the indices of items in upper / lower halves.
+            ``(segment, order, sorted_keys, is_upper)``: the half-block id of every
+            item, the permutation sorting items by (half-block, score rank), the
+            sorted keys, and whether each item lies in an upper half. Both halves
+            are processed for all items and told apart by ``is_upper`` (instead of
+            index lists, whose length would have to be read from the device).
         """
         if k not in self._levels:
             segment = self.target_rank >> k
             keys = segment * self.size + self.score_rank
             sorted_keys, order = torch.sort(keys)
             is_upper = (segment & 1).bool()
-            upper_idx = torch.nonzero(is_upper).squeeze(1)
-            lower_idx = torch.nonzero(~is_upper).squeeze(1)
-            self._levels[k] = (segment, order, sorted_keys, upper_idx, lower_idx)
+            self._levels[k] = (segment, order, sorted_keys, is_upper)
         return self._levels[k]
 
 
@@ -244,58 +263,55 @@ def _forward_sweep(
     ).to(s.dtype)
 
     for k in range(plan.num_levels):
-        segment, order, sorted_keys, upper, lower = plan.level(k)
+        segment, order, sorted_keys, is_upper = plan.level(k)
         prefix = _prefix(moments[order])
-        count_prefix = prefix[:, :1]
-
-        # Upper-half anchors i against lower-half items j (t_j < t_i).
-        if upper.numel() > 0 and surrogate == "hinge":
-            ti, ai = t[upper], a[upper]
-            base = (segment[upper] - 1) * m
-            # (t_i - t_j)(a_i + s_j / tau) over s_j > s_i - tau.
-            lin = _range_sums(
-                sorted_keys, prefix, base + plan.rank_le_minus_tau[upper], base + m
-            )
-            n_l, s_l, _, t_l, ts_l, _ = lin.unbind(1)
-            neg[upper] += ti * ai * n_l + ti / tau * s_l - ai * t_l - ts_l / tau
-            dneg_anchor[upper] += -1.0 / tau * (ti * n_l - t_l)
-        elif upper.numel() > 0:
-            ti, ai, ci = t[upper], a[upper], c[upper]
-            base = (segment[upper] - 1) * m
-            quad = _range_sums(
-                sorted_keys,
-                prefix,
-                base + plan.rank_le_minus_tau[upper],
-                base + plan.rank_le[upper],
-            )
-            lin = _range_sums(sorted_keys, prefix, base + plan.rank_le[upper], base + m)
+        below = (segment - 1) * m
+        above = (segment + 1) * m
+        # Upper-half anchors i against the lower half (t_j < t_i): the quadratic
+        # range s_i - tau < s_j <= s_i of phi, then the linear one s_j > s_i.
+        # Lower-half anchors i against the upper half (t_j > t_i), for POS: the
+        # items with s_j >= s_i, in the first range (the second one is empty).
+        at = _prefix_at(
+            sorted_keys,
+            prefix,
+            torch.stack(
+                [
+                    torch.where(
+                        is_upper, below + plan.rank_le_minus_tau, above + plan.rank_lt
+                    ),
+                    torch.where(is_upper, below + plan.rank_le, above + m),
+                    torch.where(is_upper, below + m, above + m),
+                ]
+            ),
+        )
+        quad, lin = at[1] - at[0], at[2] - at[1]
+        if surrogate == "hinge":
+            # (t_i - t_j)(a_i + s_j / tau) over s_j > s_i - tau (both ranges).
+            n_h, s_h, _, t_h, ts_h, _ = (at[2] - at[0]).unbind(1)
+            neg_upper = t * a * n_h + t / tau * s_h - a * t_h - ts_h / tau
+            dneg_upper = -1.0 / tau * (t * n_h - t_h)
+        else:
             n_q, s_q, ss_q, t_q, ts_q, tss_q = quad.unbind(1)
             n_l, s_l, _, t_l, ts_l, _ = lin.unbind(1)
             # (t_i - t_j)(c_i + 2 s_j / tau) over s_j > s_i.
-            neg_lin = ti * ci * n_l + 2.0 * ti / tau * s_l - ci * t_l - 2.0 / tau * ts_l
+            neg_lin = t * c * n_l + 2.0 * t / tau * s_l - c * t_l - 2.0 / tau * ts_l
             # (t_i - t_j)(a_i + s_j / tau)^2 over s_i - tau < s_j <= s_i.
             neg_quad = (
-                ti * ai * ai * n_q
-                + 2.0 * ti * ai / tau * s_q
-                + ti / tau**2 * ss_q
-                - ai * ai * t_q
-                - 2.0 * ai / tau * ts_q
+                t * a * a * n_q
+                + 2.0 * t * a / tau * s_q
+                + t / tau**2 * ss_q
+                - a * a * t_q
+                - 2.0 * a / tau * ts_q
                 - tss_q / tau**2
             )
-            neg[upper] += neg_lin + neg_quad
+            neg_upper = neg_lin + neg_quad
             # d/ds_i of the same sums: phi'(x) = -2/tau and -2/tau (a_i + s_j/tau).
-            dlin = -2.0 / tau * (ti * n_l - t_l)
-            dquad = (
-                -2.0 / tau * (ti * ai * n_q + ti / tau * s_q - ai * t_q - ts_q / tau)
-            )
-            dneg_anchor[upper] += dlin + dquad
-
-        # Lower-half anchors i against upper-half items j (t_j > t_i) for POS.
-        if lower.numel() > 0:
-            base = (segment[lower] + 1) * m
-            pos[lower] += _range_sums(
-                sorted_keys, count_prefix, base + plan.rank_lt[lower], base + m
-            ).squeeze(1)
+            dlin = -2.0 / tau * (t * n_l - t_l)
+            dquad = -2.0 / tau * (t * a * n_q + t / tau * s_q - a * t_q - ts_q / tau)
+            dneg_upper = dlin + dquad
+        neg += torch.where(is_upper, neg_upper, 0.0)
+        dneg_anchor += torch.where(is_upper, dneg_upper, 0.0)
+        pos += torch.where(is_upper, 0.0, quad[:, 0])
     return neg, pos, dneg_anchor
 
 
@@ -314,36 +330,31 @@ def _backward_item_sweep(
     b = 1.0 + s / tau
     moments = torch.stack([g, g * t, g * s, g * t * s], dim=1)
     for k in range(plan.num_levels):
-        segment, order, sorted_keys, _, lower = plan.level(k)
-        if lower.numel() == 0:
-            continue
+        segment, order, sorted_keys, is_upper = plan.level(k)
         prefix = _prefix(moments[order])
-        tk, bk = t[lower], b[lower]
-        base = (segment[lower] + 1) * m
-        if surrogate == "hinge":
-            # Anchors with s_i < s_k + tau (phi' = -1/tau).
-            hinge = _range_sums(
-                sorted_keys, prefix, base, base + plan.rank_lt_plus_tau[lower]
-            )
-            g_h, gt_h, _, _ = hinge.unbind(1)
-            out[lower] += -1.0 / tau * (gt_h - tk * g_h)
-            continue
-        # Anchors with s_i < s_k (phi' = -2/tau).
-        lin = _range_sums(sorted_keys, prefix, base, base + plan.rank_lt[lower])
-        # Anchors with s_k <= s_i < s_k + tau (phi' = -2/tau (b_k - s_i/tau)).
-        quad = _range_sums(
+        # Lower-half items k against the anchors i of the upper half (t_i > t_k):
+        # anchors with s_i < s_k (phi' = -2/tau), then s_k <= s_i < s_k + tau
+        # (phi' = -2/tau (b_k - s_i/tau)).
+        above = (segment + 1) * m
+        at = _prefix_at(
             sorted_keys,
             prefix,
-            base + plan.rank_lt[lower],
-            base + plan.rank_lt_plus_tau[lower],
+            torch.stack([above, above + plan.rank_lt, above + plan.rank_lt_plus_tau]),
         )
-        g_l, gt_l, _, _ = lin.unbind(1)
-        g_q, gt_q, gs_q, gts_q = quad.unbind(1)
-        c_lin = -2.0 / tau * (gt_l - tk * g_l)
-        c_quad = (
-            -2.0 / tau * (bk * gt_q - gts_q / tau - tk * bk * g_q + tk / tau * gs_q)
-        )
-        out[lower] += c_lin + c_quad
+        if surrogate == "hinge":
+            # Anchors with s_i < s_k + tau (phi' = -1/tau).
+            g_h, gt_h, _, _ = (at[2] - at[0]).unbind(1)
+            terms = -1.0 / tau * (gt_h - t * g_h)
+        else:
+            lin, quad = at[1] - at[0], at[2] - at[1]
+            g_l, gt_l, _, _ = lin.unbind(1)
+            g_q, gt_q, gs_q, gts_q = quad.unbind(1)
+            c_lin = -2.0 / tau * (gt_l - t * g_l)
+            c_quad = (
+                -2.0 / tau * (b * gt_q - gts_q / tau - t * b * g_q + t / tau * gs_q)
+            )
+            terms = c_lin + c_quad
+        out += torch.where(is_upper, 0.0, terms)
     return out
 
 
@@ -356,8 +367,9 @@ class _FastNegatives(torch.autograd.Function):
         row: Tensor,
         tau: float,
         surrogate: str,
+        row_length: int | None,
     ) -> tuple[Tensor, Tensor]:
-        plan = _Plan(scores, targets, row, tau)
+        plan = _Plan(scores, targets, row, tau, row_length)
         neg, pos, dneg_anchor = _forward_sweep(scores, targets, plan, tau, surrogate)
         ctx.save_for_backward(scores, targets, dneg_anchor)
         ctx.plan = plan  # type: ignore[attr-defined]
@@ -370,7 +382,7 @@ class _FastNegatives(torch.autograd.Function):
     @once_differentiable
     def backward(  # type: ignore[override]
         ctx: FunctionCtx, grad_neg: Tensor, grad_pos: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None]:
+    ) -> tuple[Tensor | None, None, None, None, None, None]:
         scores, targets, dneg_anchor = ctx.saved_tensors  # type: ignore[attr-defined]
         plan: _Plan = ctx.plan  # type: ignore[attr-defined]
         tau: float = ctx.tau  # type: ignore[attr-defined]
@@ -379,7 +391,7 @@ class _FastNegatives(torch.autograd.Function):
             scores, targets, grad_neg, plan, tau, surrogate
         )
         grad_scores = grad_neg * dneg_anchor - item_terms
-        return grad_scores, None, None, None, None
+        return grad_scores, None, None, None, None, None
 
 
 def fast_negatives_and_positives(
@@ -388,6 +400,7 @@ def fast_negatives_and_positives(
     row: Tensor,
     tau: float,
     surrogate: str = "huber",
+    row_length: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact NEG and POS without pairwise matrices, in ``O(n log^2 n)``.
 
@@ -399,6 +412,11 @@ def fast_negatives_and_positives(
         tau: Margin of the surrogate.
         surrogate: ``"huber"`` (:func:`huber_surrogate`, default) or ``"hinge"``
             (:func:`hinge_surrogate`; one linear piece for ``s_j > s_i - tau``).
+        row_length: Upper bound of the number of items in one list: the divide
+            and conquer takes ``ceil(log2(row_length))`` levels, known without
+            reading the device. None (default) counts the distinct targets of
+            each list, which takes fewer levels for tied targets but reads one
+            value from the device (a host synchronisation on accelerators).
 
     Returns:
         ``(neg, pos)``, both of shape (m,). ``neg`` is differentiable with respect to
@@ -410,5 +428,7 @@ def fast_negatives_and_positives(
         raise ValueError(
             f"surrogate must be one of {tuple(SURROGATES)}, got {surrogate!r}."
         )
-    neg, pos = _FastNegatives.apply(scores, targets.detach(), row, tau, surrogate)
+    neg, pos = _FastNegatives.apply(
+        scores, targets.detach(), row, tau, surrogate, row_length
+    )
     return neg, pos

@@ -10,8 +10,25 @@ from lightly_cotap.loss._ranking_ops import (
     dense_negatives_and_positives,
     fast_negatives_and_positives,
 )
+from lightly_cotap.loss.value_checks import value_checks_enabled
 
 _METHODS = ("auto", "dense", "fast")
+
+#: ``method="auto"`` on the CPU (and devices other than CUDA): the dense path up to
+#: this many pair entries ``B * n * n``, the measured CPU crossover (n = 512 for one
+#: list; ``benchmarks/continuous_ap_loss.py``).
+CPU_DENSE_MAX_PAIRS = 2**18
+
+#: Tensors of ``(B, n, n)`` elements the dense path holds at its peak in forward
+#: plus backward (measured: 38 bytes per pair entry in float32).
+DENSE_TENSORS_PER_PAIR = 10
+
+#: ``method="auto"`` on CUDA: the dense path while its peak memory stays within this
+#: fraction of the device's memory. A GPU runs the ``(B, n, n)`` element-wise work
+#: at memory bandwidth while the sort-based path is a sequence of ``O(log n)``
+#: small kernels, so the dense path is expected to be the faster one for as long as
+#: it fits; the rest of the memory stays free for the training step's activations.
+CUDA_DENSE_MEMORY_FRACTION = 0.25
 
 
 class ContinuousAPLoss(nn.Module):
@@ -41,8 +58,14 @@ class ContinuousAPLoss(nn.Module):
     Two exact implementations are chosen automatically: a dense one that builds the
     ``(n, n)`` pair matrices (fastest for short lists) and a sort-based one that never
     materialises them (``O(n log^2 n)`` time, ``O(n)`` memory), used when the lists
-    are long. Both agree to floating-point precision for values and gradients,
-    including ties in ``s`` and in ``t``.
+    are long: on the CPU above 512 items, on CUDA when the dense path would take more
+    than a quarter of the device memory (:func:`default_dense_max_pairs`). Both agree
+    to floating-point precision for values and gradients, including ties in ``s``
+    and in ``t``. On accelerators neither reads a value from the device, so the loss
+    runs without host synchronisation (on the CPU, where reading a value costs
+    nothing, the sort-based path reads the number of distinct targets to skip
+    levels for tied targets); the value checks (NaN / inf, negative weights) are off
+    unless turned on with :func:`lightly_cotap.loss.value_checks`.
 
     This implementation follows the loss of the code published by the authors [1],
     with two documented differences: the ``1e-5`` added to ``POS`` and to
@@ -62,7 +85,8 @@ class ContinuousAPLoss(nn.Module):
             anchors with a target below ``delta`` get weight 0. Paper default -0.2.
         method: ``"auto"`` (default), ``"dense"`` or ``"fast"``.
         dense_max_pairs: With ``method="auto"`` the dense path is used while the
-            number of pair entries ``B * n * n`` is at most this value.
+            number of pair entries ``B * n * n`` is at most this value; None
+            (default) chooses it per device with :func:`default_dense_max_pairs`.
 
     Examples:
         >>> loss_fn = ContinuousAPLoss()
@@ -81,7 +105,7 @@ class ContinuousAPLoss(nn.Module):
         kappa: float = 1.0,
         weight_offset: float = -0.2,
         method: str = "auto",
-        dense_max_pairs: int = 2**18,
+        dense_max_pairs: int | None = None,
     ) -> None:
         """Initializes the ContinuousAPLoss with the specified parameters.
 
@@ -91,7 +115,7 @@ class ContinuousAPLoss(nn.Module):
             weight_offset: Offset ``delta`` of the default weights ``(t - delta)_+``.
             method: ``"auto"``, ``"dense"`` or ``"fast"``.
             dense_max_pairs: Largest ``B * n * n`` for which ``"auto"`` uses the dense
-                path, >= 0.
+                path, >= 0, or None for the device's default.
 
         Raises:
             ValueError: If an argument is out of its range.
@@ -114,7 +138,7 @@ class ContinuousAPLoss(nn.Module):
             raise ValueError(
                 f"method must be one of {_METHODS}, got method={method!r}."
             )
-        if dense_max_pairs < 0:
+        if dense_max_pairs is not None and dense_max_pairs < 0:
             raise ValueError(
                 f"dense_max_pairs must be >= 0, got dense_max_pairs={dense_max_pairs}."
             )
@@ -151,8 +175,11 @@ class ContinuousAPLoss(nn.Module):
             zero that stays connected to ``scores``' graph.
 
         Raises:
-            ValueError: On shape mismatches, non-finite values among the valid items,
-                negative weights, a non-boolean mask, or targets that require grad.
+            ValueError: On shape mismatches, a non-boolean mask, or targets that
+                require grad; with :func:`~lightly_cotap.loss.value_checks` on, also
+                on non-finite values among the valid items or negative weights
+                (without the checks, a non-finite valid score or target gives a
+                NaN loss).
         """
         validate_list_inputs(scores=scores, targets=targets, weights=weights, mask=mask)
         squeeze = scores.dim() == 1
@@ -178,39 +205,90 @@ class ContinuousAPLoss(nn.Module):
                 w = weights.detach().to(compute_dtype)
                 w = w[None] if squeeze else w
             w = torch.where(valid, w.nan_to_num(0.0), torch.zeros_like(w))
-            if not bool((w > 0).any()):
-                return (s * 0.0).sum()
-            neg, pos, w = self._negatives_and_positives(s, t, valid, w)
+            neg, pos = self._negatives_and_positives(s, t, valid)
             u = self.kappa * neg / pos
             per_anchor = u / (1.0 + u)
-            return (w * per_anchor).sum() / w.sum()
+            # All weights zero: the numerator is a zero of the graph; divide by 1.
+            total_weight = w.sum()
+            total_weight = torch.where(
+                total_weight > 0, total_weight, torch.ones_like(total_weight)
+            )
+            return (w * per_anchor).sum() / total_weight
 
-    def _use_dense(self, num_rows: int, num_items: int) -> bool:
-        if self.method == "auto":
-            return num_rows * num_items * num_items <= self.dense_max_pairs
-        return self.method == "dense"
+    def uses_dense(self, scores: Tensor) -> bool:
+        """Whether ``forward(scores=scores, ...)`` takes the dense path.
+
+        Args:
+            scores: Scores as passed to ``forward``. Shape: (n,) or (B, n).
+        """
+        if self.method != "auto":
+            return self.method == "dense"
+        rows, items = (1, scores.shape[0]) if scores.dim() == 1 else scores.shape[:2]
+        limit = self.dense_max_pairs
+        if limit is None:
+            dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+            limit = default_dense_max_pairs(scores.device, dtype)
+        return rows * items * items <= limit
 
     def _negatives_and_positives(
-        self, s: Tensor, t: Tensor, valid: Tensor, w: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """NEG, POS and weights of the valid anchors (flattened or (B, n))."""
-        if self._use_dense(s.shape[0], s.shape[1]):
+        self, s: Tensor, t: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """NEG and POS of all items, shape (B, n); POS is 1 for invalid anchors."""
+        if self.uses_dense(s):
             neg, pos = dense_negatives_and_positives(
                 s, t, valid, self.tau, surrogate=SURROGATES[self._surrogate]
             )
             # Invalid anchors have w = 0 and POS = 0; avoid 0/0 in their l_i.
             pos = torch.where(valid, pos, torch.ones_like(pos))
-            return neg, pos, w
-        rows = torch.arange(s.shape[0], device=s.device)[:, None].expand_as(s)
+            return neg, pos
+        num_rows, num_items = s.shape
+        # Invalid items (s = t = 0) form one extra list of their own: they meet no
+        # valid item, and no boolean selection (whose size the host would have to
+        # read from the device) is needed. Their POS counts their ties, >= 1.
+        rows = torch.arange(num_rows, device=s.device)[:, None].expand_as(s)
+        rows = torch.where(valid, rows, num_rows)
         fast_dtype = torch.float32 if s.device.type == "mps" else torch.float64
         neg, pos = fast_negatives_and_positives(
-            s[valid].to(fast_dtype),
-            t[valid].to(fast_dtype),
-            rows[valid],
+            s.reshape(-1).to(fast_dtype),
+            t.reshape(-1).to(fast_dtype),
+            rows.reshape(-1),
             self.tau,
             surrogate=self._surrogate,
+            # On the CPU, reading the number of distinct targets costs nothing and
+            # saves levels for tied targets; elsewhere it would stall the device.
+            row_length=None if s.device.type == "cpu" else num_items,
         )
-        return neg.to(s.dtype), pos.to(s.dtype), w[valid]
+        return neg.to(s.dtype).view_as(s), pos.to(s.dtype).view_as(s)
+
+
+def default_dense_max_pairs(device: torch.device, dtype: torch.dtype) -> int:
+    """Largest ``B * n * n`` for which ``method="auto"`` takes the dense path.
+
+    On CUDA: as many pair entries as fit into :data:`CUDA_DENSE_MEMORY_FRACTION` of
+    the device's memory at :data:`DENSE_TENSORS_PER_PAIR` elements of ``dtype``
+    each (a constant of the device, read once, so the choice never waits for the
+    device). Elsewhere: :data:`CPU_DENSE_MAX_PAIRS`.
+
+    Args:
+        device: Device of the scores.
+        dtype: Compute dtype of the loss (float32 or float64).
+    """
+    if device.type != "cuda":
+        return CPU_DENSE_MAX_PAIRS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    bytes_per_pair = DENSE_TENSORS_PER_PAIR * dtype.itemsize
+    return int(CUDA_DENSE_MEMORY_FRACTION * _cuda_total_memory(index) / bytes_per_pair)
+
+
+_CUDA_TOTAL_MEMORY: dict[int, int] = {}
+
+
+def _cuda_total_memory(index: int) -> int:
+    """Total memory of a CUDA device in bytes (read once per device)."""
+    if index not in _CUDA_TOTAL_MEMORY:
+        properties = torch.cuda.get_device_properties(index)
+        _CUDA_TOTAL_MEMORY[index] = int(properties.total_memory)
+    return _CUDA_TOTAL_MEMORY[index]
 
 
 def validate_list_inputs(
@@ -221,8 +299,9 @@ def validate_list_inputs(
     Shared by :class:`ContinuousAPLoss` and the criteria of
     :mod:`lightly_cotap.loss.correspondence_criteria`: ``scores`` floating point of
     shape (n,) or (B, n); ``targets``, ``weights`` and ``mask`` of the same shape;
-    targets without grad; a bool mask; finite values and non-negative weights among
-    the valid items.
+    targets without grad; a bool mask. Finite values and non-negative weights among
+    the valid items are checked only with value checks on
+    (:func:`~lightly_cotap.loss.value_checks`).
     """
     if not isinstance(scores, Tensor) or not scores.is_floating_point():
         raise ValueError(
@@ -264,6 +343,8 @@ def validate_list_inputs(
                 f"weights must have the same shape as scores {tuple(scores.shape)}, "
                 f"got {shape}."
             )
+    if not value_checks_enabled():
+        return
     valid = mask if mask is not None else torch.ones_like(scores, dtype=torch.bool)
     named = [("scores", scores), ("targets", targets)]
     if weights is not None:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightly_cotap.loss.continuous_ap_loss import ContinuousAPLoss
+from lightly_cotap.loss.value_checks import value_checks_enabled
 
 
 class CoTAPLoss(nn.Module):
@@ -242,8 +243,9 @@ class CoTAPLoss(nn.Module):
             Scalar loss, the mean over ``pool_sizes`` of the ranking loss.
 
         Raises:
-            ValueError: If shapes do not match, a pooling size exceeds the feature
-                grid, or values are not finite.
+            ValueError: If shapes do not match or a pooling size exceeds the feature
+                grid; with :func:`~lightly_cotap.loss.value_checks` on, also if
+                values are not finite.
         """
         _validate_inputs(
             student_x=student_x,
@@ -500,7 +502,11 @@ def _validate_inputs(
                 f"{name} must have shape (B, V, h, w) = {(b, v, h, w)} matching the "
                 f"features, got {shape}."
             )
-        if mask.is_floating_point() and not bool(torch.isfinite(mask).all()):
+        if (
+            value_checks_enabled()
+            and mask.is_floating_point()
+            and not bool(torch.isfinite(mask).all())
+        ):
             raise ValueError(f"{name} contains non-finite values.")
     too_large = [p for p in pool_sizes if p > min(h, w)]
     if too_large:

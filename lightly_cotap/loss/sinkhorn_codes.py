@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import torch
-from lightly.loss.swav_loss import sinkhorn
 from lightly.models.modules.memory_bank import MemoryBankModule
 from torch import Tensor
+
+from lightly_cotap.loss.value_checks import value_checks_enabled
 
 
 class SinkhornCodes(MemoryBankModule):
     """Computes SwAV-style Sinkhorn-Knopp codes [0] of teacher prototype scores.
 
     The teacher's prototype scores of the current batch are concatenated with a
-    FIFO queue of teacher scores of earlier steps, Lightly's distributed
-    :func:`lightly.loss.swav_loss.sinkhorn` balances the assignment of all of them
-    to the K prototypes (``exp(score / epsilon)``, ``iterations`` row/column
-    normalisations), and the codes of the current batch are returned (every row
-    sums to 1). Afterwards, if ``update`` is True, up to ``queue_update_size``
-    randomly chosen rows of the batch (optionally only those flagged by
-    ``enqueue_mask``, e.g. foreground patches) are pushed into the queue.
+    FIFO queue of teacher scores of earlier steps, the iterations of Lightly's
+    distributed :func:`lightly.loss.swav_loss.sinkhorn` balance the assignment of
+    all of them to the K prototypes (``exp(score / epsilon)``, ``iterations``
+    row/column normalisations), and the codes of the current batch are returned
+    (every row sums to 1). Afterwards, if ``update`` is True, up to
+    ``queue_update_size`` randomly chosen rows of the batch (optionally only those
+    flagged by ``enqueue_mask``, e.g. foreground patches) are pushed into the queue.
 
     This follows the code of CoTAP [1] (``LossWrapper.sinkhorn`` and its
     ``MemoryBankPatch`` / ``MemoryBankCls`` queues): patch codes use
@@ -31,10 +32,12 @@ class SinkhornCodes(MemoryBankModule):
     which leaves the codes unchanged but avoids overflow for large scores.
 
     The queue is a ``MemoryBankModule`` (per process, not saved in the state dict;
-    it refills after resuming). With ``gather_distributed=True`` the Sinkhorn
-    normalisations sum over all processes (Lightly's ``sinkhorn`` all-reduces), so
-    the codes are balanced over the queues and batches of all ranks. Computed in
-    float32 without gradient.
+    it refills after resuming). Its pointer and fill level stay on the device and
+    the Sinkhorn iterations run over the whole queue with the rows not filled yet
+    masked out, so a call never waits for the device (no host synchronisation).
+    With ``gather_distributed=True`` the Sinkhorn normalisations sum over all
+    processes (as Lightly's ``sinkhorn`` does), so the codes are balanced over the
+    queues and batches of all ranks. Computed in float32 without gradient.
 
     - [0]: SwAV, 2020, https://arxiv.org/abs/2006.09882
     - [1]: https://github.com/KID-7391/CoTAP (``losses/loss_wrapper.py``)
@@ -115,7 +118,11 @@ class SinkhornCodes(MemoryBankModule):
 
     @property
     def queue(self) -> Tensor:
-        """The scores in the queue. Shape: (num_filled, num_prototypes)."""
+        """The scores in the queue. Shape: (num_filled, num_prototypes).
+
+        Reading it takes the fill level from the device (a host synchronisation);
+        :meth:`forward` masks the queue instead.
+        """
         bank: Tensor = self.bank
         if self.queue_size == 0:
             return bank.new_zeros(0, self.num_prototypes)
@@ -141,7 +148,9 @@ class SinkhornCodes(MemoryBankModule):
             Codes of the batch rows, float32, rows sum to 1. Shape: (N, K).
 
         Raises:
-            ValueError: If the shapes are invalid or the scores are not finite.
+            ValueError: If the shapes are invalid; with
+                :func:`~lightly_cotap.loss.value_checks` on, also if the scores are
+                not finite.
         """
         if scores.dim() != 2 or scores.shape[1] != self.num_prototypes:
             raise ValueError(
@@ -158,46 +167,91 @@ class SinkhornCodes(MemoryBankModule):
             )
         with torch.autocast(device_type=scores.device.type, enabled=False):
             batch = scores.detach().float()
-            if not bool(torch.isfinite(batch).all()):
+            if value_checks_enabled() and not bool(torch.isfinite(batch).all()):
                 raise ValueError(
                     f"scores of shape {tuple(scores.shape)} contain non-finite values."
                 )
-            queue = self.queue.to(device=batch.device)
+            # The whole queue takes part; the rows not filled yet are masked out,
+            # so the fill level never has to be read on the host.
+            queue = (
+                self.bank.detach().to(device=batch.device)
+                if self.queue_size > 0
+                else batch.new_zeros(0, self.num_prototypes)
+            )
+            filled = torch.arange(queue.shape[0], device=batch.device) < (
+                self.num_filled.to(batch.device)
+            )
             out = torch.cat([queue, batch], dim=0)
-            codes = self._sinkhorn(out)[queue.shape[0] :]
+            valid = torch.cat([filled, filled.new_ones(batch.shape[0])])
+            codes = self._sinkhorn(out, valid)[queue.shape[0] :]
             if update:
                 self._enqueue(batch, enqueue_mask)
         return codes
 
-    def _sinkhorn(self, out: Tensor) -> Tensor:
+    def _sinkhorn(self, out: Tensor, valid: Tensor) -> Tensor:
+        """Lightly's ``sinkhorn`` over the rows of ``out`` where ``valid`` is True.
+
+        Same iterations and distributed sums as
+        :func:`lightly.loss.swav_loss.sinkhorn`; masked rows get zero codes and
+        take no part in the prototype marginals. The global scalings of that
+        function cancel in the next normalisation and are left out.
+        """
+        if out.shape[0] == 0:
+            return out.clone()
         distributed = (
             self.sinkhorn_gather_distributed
             and torch.distributed.is_available()
             and torch.distributed.is_initialized()
         )
-        shift = out.max() if out.numel() > 0 else out.new_zeros(())
+        neg_inf = out.new_full((), float("-inf"))
+        shift = torch.where(valid[:, None], out, neg_inf).amax()
         if distributed:
             torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
-        codes: Tensor = sinkhorn(
-            out - shift,
-            iterations=self.iterations,
-            epsilon=self.epsilon,
-            gather_distributed=distributed,
-        )
+        q = torch.where(valid[:, None], torch.exp((out - shift) / self.epsilon), 0.0)
+        q = q.t()  # (K, N)
+        for _ in range(self.iterations):
+            sum_of_rows = q.sum(dim=1, keepdim=True)
+            if distributed:
+                torch.distributed.all_reduce(sum_of_rows)
+            q = q / sum_of_rows
+            sum_of_columns = q.sum(dim=0, keepdim=True)
+            q = q / torch.where(valid[None], sum_of_columns, 1.0)
+        codes: Tensor = q.t()
         return codes
 
     def _enqueue(self, batch: Tensor, enqueue_mask: Tensor | None) -> None:
-        if self.queue_size == 0 or self.queue_update_size == 0:
+        """Pushes up to ``queue_update_size`` random rows allowed by the mask.
+
+        FIFO like Lightly's ``MemoryBankModule`` (a batch that reaches the end of
+        the queue fills it up and the pointer restarts at 0), with the pointer and
+        the fill level kept on the device: how many rows the mask allows is never
+        read on the host.
+        """
+        size = self.queue_size
+        num_rows = min(self.queue_update_size, batch.shape[0], size)
+        if num_rows == 0:
             return
-        candidates = batch if enqueue_mask is None else batch[enqueue_mask]
-        if candidates.shape[0] == 0:
-            return
-        if candidates.shape[0] > self.queue_update_size:
-            keep = torch.randperm(candidates.shape[0], device=candidates.device)
-            candidates = candidates[keep[: self.queue_update_size]]
-        ptr = int(self.bank_ptr)
-        written = min(candidates.shape[0], self.queue_size - ptr)
-        self._dequeue_and_enqueue(
-            candidates.to(device=self.bank.device, dtype=self.bank.dtype)
+        # Random priorities, -1 for rows the mask excludes: the top ``num_rows``
+        # are a uniform random subset of the allowed rows (all of them if fewer).
+        priority = torch.rand(batch.shape[0], device=batch.device)
+        if enqueue_mask is not None:
+            priority = torch.where(enqueue_mask, priority, -1.0)
+        chosen = priority.topk(num_rows).indices.sort().values  # batch order
+        allowed = priority[chosen] >= 0
+        count = allowed.sum()
+        # Slot of every chosen row: allowed rows first, in batch order.
+        slot = torch.where(
+            allowed,
+            allowed.cumsum(0) - 1,
+            count + (~allowed).cumsum(0) - 1,
         )
-        self.num_filled.fill_(min(self.queue_size, int(self.num_filled) + written))
+        bank: Tensor = self.bank
+        ptr = self.bank_ptr.to(bank.device)
+        target = ptr + slot.to(bank.device)
+        write = (slot < count) & (target < size)
+        index = target % size  # distinct, since num_rows <= size
+        rows = batch[chosen].to(device=bank.device, dtype=bank.dtype)
+        bank[index] = torch.where(write[:, None], rows, bank[index])
+        end = ptr + count
+        self.bank_ptr.copy_(torch.where(end >= size, torch.zeros_like(end), end))
+        self.num_filled.copy_((self.num_filled + write.sum()).clamp_max(size))

@@ -272,7 +272,7 @@ class CoTAPVisionTransformer(nn.Module):
     @property
     def prototypes_initialized(self) -> bool:
         """Whether the prototypes were set by k-means or loaded from a checkpoint."""
-        return self.filter is not None and bool(self.filter.prototypes_initialized)
+        return self.filter is not None and self.filter.is_initialized
 
     # -- forward -------------------------------------------------------------------
 
@@ -400,7 +400,7 @@ class CoTAPVisionTransformer(nn.Module):
             flt.set_prototypes(centers.to(flt.prototypes.dtype))
         if distributed:
             torch.distributed.broadcast(flt.prototypes.data, src=0)
-            flt.prototypes_initialized.fill_(True)
+            flt.mark_initialized()
 
     # -- checkpoints ---------------------------------------------------------------
 

@@ -308,6 +308,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p("--no-visualize", action="store_true", help="Skip the before/after PNG.")
     p("--visualize-size", type=int, default=None, help="Image size of the PNG.")
     p("--no-progress-bar", action="store_true")
+    p(
+        "--compile",
+        action="store_true",
+        help="torch.compile the student, the teacher and the objective (the first "
+        "steps take longer while compiling).",
+    )
 
 
 def resolve_settings(
@@ -745,6 +751,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
                 mismatch_fix="pass the --backbone (and --patch-size, --depth, "
                 "--embed-dim, --num-heads) it was trained with",
             ) from ex
+    if args.compile:
+        module.compile_networks()
 
     trainer, logger = _build_trainer(args, s, output_dir)
 

@@ -7,7 +7,9 @@ import torch
 from sklearn.metrics import average_precision_score
 from torch import Tensor
 
-from lightly_cotap.loss import ContinuousAPLoss, _ranking_ops
+from lightly_cotap.loss import ContinuousAPLoss, _ranking_ops, value_checks
+from lightly_cotap.loss import continuous_ap_loss as cap
+from lightly_cotap.train.host_sync import forbid_host_sync
 
 TAU = 0.5
 
@@ -182,6 +184,29 @@ def test_auto_method_switches_on_list_size(monkeypatch: pytest.MonkeyPatch) -> N
     loss_fn(scores=torch.randn(100), targets=torch.rand(100))
     loss_fn(scores=torch.randn(101), targets=torch.rand(101))
     assert calls == ["dense", "fast"]
+    calls.clear()
+    default = ContinuousAPLoss()  # CPU: the measured crossover at 512 items
+    default(scores=torch.randn(512), targets=torch.rand(512))
+    default(scores=torch.randn(513), targets=torch.rand(513))
+    default(scores=torch.randn(2, 363), targets=torch.rand(2, 363))
+    assert calls == ["dense", "fast", "fast"]
+
+
+def test_default_dense_bound_depends_on_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cpu = torch.device("cpu")
+    assert cap.default_dense_max_pairs(cpu, torch.float32) == 2**18
+    assert cap.default_dense_max_pairs(cpu, torch.float64) == 2**18
+    # CUDA: a quarter of the device memory at 10 (B, n, n) tensors of the dtype.
+    monkeypatch.setattr(cap, "_cuda_total_memory", lambda index: 80 * 2**30)
+    gpu = torch.device("cuda", 0)
+    assert cap.default_dense_max_pairs(gpu, torch.float32) == 20 * 2**30 // 40
+    assert cap.default_dense_max_pairs(gpu, torch.float64) == 20 * 2**30 // 80
+    # An explicit bound overrides the device default.
+    assert not ContinuousAPLoss(dense_max_pairs=99).uses_dense(torch.zeros(10))
+    assert ContinuousAPLoss(method="dense").uses_dense(torch.zeros(10**6))
+    assert not ContinuousAPLoss(method="fast").uses_dense(torch.zeros(2))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -273,11 +298,79 @@ def test_masked_items_are_ignored_even_if_not_finite() -> None:
     s_bad, t_bad = s.clone(), t.clone()
     s_bad[0, 3] = float("nan")
     t_bad[1, 7] = float("inf")
-    loss_fn = ContinuousAPLoss()
     expected = reference_loss(s, t, mask=mask)
-    torch.testing.assert_close(
-        loss_fn(scores=s_bad, targets=t_bad, mask=mask), expected
+    for method in ("dense", "fast"):
+        loss_fn = ContinuousAPLoss(method=method)
+        torch.testing.assert_close(
+            loss_fn(scores=s_bad, targets=t_bad, mask=mask), expected
+        )
+        with value_checks():
+            torch.testing.assert_close(
+                loss_fn(scores=s_bad, targets=t_bad, mask=mask), expected
+            )
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_masked_rows_match_reference_values_and_gradients(method: str) -> None:
+    s, t = _random_lists((3, 30), ties=True, seed=9)
+    mask = torch.rand(3, 30, generator=torch.Generator().manual_seed(9)) < 0.7
+    mask[2] = False  # a row without valid items
+    value, grad = _value_and_grad(
+        ContinuousAPLoss(method=method), s, targets=t, mask=mask
     )
+    ref_value, ref_grad = _value_and_grad(reference_loss, s, targets=t, mask=mask)
+    torch.testing.assert_close(value, ref_value, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_no_host_synchronisation(
+    method: str, masked: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the CPU the fast path may count the distinct targets (free there); the
+    # accelerator path bounds the levels by the list length instead: force it.
+    fast = _ranking_ops.fast_negatives_and_positives
+
+    def bounded_fast(
+        scores: Tensor,
+        targets: Tensor,
+        row: Tensor,
+        tau: float,
+        surrogate: str = "huber",
+        row_length: None = None,
+    ) -> tuple[Tensor, Tensor]:
+        return fast(
+            scores, targets, row, tau, surrogate=surrogate, row_length=scores.shape[0]
+        )
+
+    monkeypatch.setattr(cap, "fast_negatives_and_positives", bounded_fast)
+    s, t = _random_lists((2, 40), ties=True, seed=10)
+    s = s.float().requires_grad_(True)
+    mask = torch.arange(40).expand(2, 40) % 3 > 0 if masked else None
+    loss_fn = ContinuousAPLoss(method=method)
+    with forbid_host_sync():
+        loss_fn(scores=s, targets=t.float(), mask=mask).backward()
+        # Zero weights everywhere: the zero loss comes from masking arithmetic.
+        loss_fn(scores=s, targets=t.float(), weights=torch.zeros(2, 40)).backward()
+
+
+def test_fast_path_with_level_bound_matches_counted_levels() -> None:
+    s, t = _random_lists((300,), ties=True, seed=11)  # 7 distinct targets
+    row = (torch.arange(300) >= 100).long()
+    s_counted = s.clone().requires_grad_(True)
+    neg, pos = _ranking_ops.fast_negatives_and_positives(s_counted, t, row, TAU)
+    neg.sum().backward()
+    s_bounded = s.clone().requires_grad_(True)
+    with forbid_host_sync():
+        neg_b, pos_b = _ranking_ops.fast_negatives_and_positives(
+            s_bounded, t, row, TAU, row_length=200
+        )
+        neg_b.sum().backward()
+    torch.testing.assert_close(neg_b, neg, rtol=1e-12, atol=1e-12)
+    assert torch.equal(pos_b, pos)
+    assert s_counted.grad is not None and s_bounded.grad is not None
+    torch.testing.assert_close(s_bounded.grad, s_counted.grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
@@ -384,10 +477,15 @@ class TestBadInput:
             "weights": torch.rand(6),
         }
         inputs[name][2] = bad
-        with pytest.raises(
-            ValueError, match=rf"{name} of shape \(6,\) contains 1 non-finite"
+        with (
+            value_checks(),
+            pytest.raises(
+                ValueError, match=rf"{name} of shape \(6,\) contains 1 non-finite"
+            ),
         ):
             ContinuousAPLoss()(**inputs)
+        # Off by default (the check reads values on the host): no error.
+        ContinuousAPLoss()(**inputs)
 
     def test_targets_requiring_grad(self) -> None:
         with pytest.raises(ValueError, match="targets must not require grad"):
@@ -396,12 +494,18 @@ class TestBadInput:
             )
 
     def test_negative_weights(self) -> None:
-        with pytest.raises(ValueError, match="weights of shape .* non-negative"):
-            ContinuousAPLoss()(
-                scores=torch.randn(4),
-                targets=torch.rand(4),
-                weights=torch.tensor([1.0, -0.5, 1.0, 1.0]),
-            )
+        inputs = dict(
+            scores=torch.randn(4),
+            targets=torch.rand(4),
+            weights=torch.tensor([1.0, -0.5, 1.0, 1.0]),
+        )
+        with (
+            value_checks(),
+            pytest.raises(ValueError, match="weights of shape .* non-negative"),
+        ):
+            ContinuousAPLoss()(**inputs)
+        with value_checks(False):
+            ContinuousAPLoss()(**inputs)
 
     @pytest.mark.parametrize(
         "kwargs, match",

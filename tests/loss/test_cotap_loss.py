@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightly_cotap.loss import ContinuousAPLoss, cotap_loss
+from lightly_cotap.loss import ContinuousAPLoss, cotap_loss, value_checks
 from lightly_cotap.loss.cotap_loss import (
     CoTAPLoss,
     draw_negative_images,
@@ -426,8 +426,19 @@ def test_cotap_loss_non_finite_features() -> None:
     inputs = _random_batch(batch=2, seed=9)
     bad = inputs["student_x"].detach().clone()
     bad[0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
-        CoTAPLoss(pool_sizes=(4,), top_k=16)(**dict(inputs, student_x=bad))
+    loss_fn = CoTAPLoss(pool_sizes=(4,), top_k=16)
+    with value_checks(), pytest.raises(ValueError, match="non-finite"):
+        loss_fn(**dict(inputs, student_x=bad))
+    # Without the (host-synchronising) checks the NaN propagates.
+    assert torch.isnan(loss_fn(**dict(inputs, student_x=bad)))
+
+
+def test_cotap_loss_non_finite_mask_with_value_checks() -> None:
+    inputs = _random_batch(batch=2, seed=9)
+    mask = inputs["fg_mask_x"].float()
+    mask[0, 0, 0, 0] = float("inf")
+    with value_checks(), pytest.raises(ValueError, match="fg_mask_x contains non"):
+        CoTAPLoss(pool_sizes=(4,))(**dict(inputs, fg_mask_x=mask))
 
 
 def test_module_exports() -> None:

@@ -117,6 +117,10 @@ class ObjectAwareFilter(nn.Module):
         self.norm_out_patch = nn.LayerNorm(2 * embed_dim, eps=eps)
         self.norm_out_cls = nn.LayerNorm(2 * embed_dim, eps=eps)
         self.register_buffer("prototypes_initialized", torch.tensor(False))
+        # Host copy of the buffer: the training step asks every step whether the
+        # prototypes are initialised, which must not wait for the device.
+        self._initialized = False
+        self.register_load_state_dict_post_hook(_read_initialized_flag)
 
     @property
     def block(self) -> nn.Module:
@@ -128,6 +132,16 @@ class ObjectAwareFilter(nn.Module):
     def _blk(self) -> Any:
         """The shared block, untyped (timm is not type-checked)."""
         return self._block[0]
+
+    @property
+    def is_initialized(self) -> bool:
+        """The value of :attr:`prototypes_initialized`, read without the device."""
+        return self._initialized
+
+    def mark_initialized(self) -> None:
+        """Marks the prototypes as set (after writing them directly)."""
+        self.prototypes_initialized.fill_(True)
+        self._initialized = True
 
     @property
     def out_dim(self) -> int:
@@ -152,7 +166,7 @@ class ObjectAwareFilter(nn.Module):
                 f"{tuple(prototypes.shape)}."
             )
         self.prototypes.copy_(prototypes.reshape(shape))
-        self.prototypes_initialized.fill_(True)
+        self.mark_initialized()
 
     def forward(self, cls: Tensor, patches: Tensor) -> tuple[Tensor, Tensor]:
         """Applies the filter to the outputs of the last ViT block.
@@ -299,6 +313,12 @@ class ObjectAwareFilter(nn.Module):
         cls_new = self._residual(cls, self._project(out.flatten(1)))
         out_cls: Tensor = self.norm_out_cls(torch.cat([cls, cls_new], dim=-1))
         return out_cls
+
+
+def _read_initialized_flag(module: nn.Module, incompatible_keys: Any) -> None:
+    """Refreshes the host copy of ``prototypes_initialized`` after loading."""
+    assert isinstance(module, ObjectAwareFilter)
+    module._initialized = bool(module.prototypes_initialized)
 
 
 def _validate_block(block: Any, embed_dim: int) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
+from lightly.models import utils as lightly_utils
 from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.utils import dist
 from torch import Tensor
 
 
@@ -79,16 +81,20 @@ class PrototypeBank(MemoryBankModule):
         self.register_buffer(
             "num_seen", torch.zeros((), dtype=torch.long), persistent=False
         )
+        # Host copies of the pointer and of ``num_seen``: read every step, they
+        # must not wait for the device.
+        self._ptr = 0
+        self._num_seen = 0
 
     @property
     def is_full(self) -> bool:
         """True once the bank holds ``num_samples`` real samples."""
-        return int(self.num_seen) >= self.num_samples
+        return self._num_seen >= self.num_samples
 
     @property
     def samples(self) -> Tensor:
         """The samples added so far (all N once full). Shape: (min(seen, N), dim)."""
-        samples: Tensor = self.bank[: min(int(self.num_seen), self.num_samples)]
+        samples: Tensor = self.bank[: min(self._num_seen, self.num_samples)]
         return samples.detach()
 
     @torch.no_grad()
@@ -111,12 +117,21 @@ class PrototypeBank(MemoryBankModule):
         if self.is_full and self.num_update_when_full is not None:
             keep = torch.randperm(features.shape[0], device=features.device)
             features = features[keep[: self.num_update_when_full]]
-        ptr_before = int(self.bank_ptr)
         self._dequeue_and_enqueue(features.to(self.bank.dtype))
-        ptr_after = int(self.bank_ptr)
-        written = (
-            ptr_after - ptr_before
-            if ptr_after > ptr_before
-            else self.num_samples - ptr_before
-        )
-        self.num_seen += written
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, batch: Tensor) -> None:
+        """Lightly's FIFO update with the pointer and the count kept on the host.
+
+        Every count depends only on batch sizes, so unlike Lightly's version (which
+        reads its pointer from the device) nothing waits for the device.
+        """
+        if self.gather_distributed and dist.world_size() > 1:
+            batch = lightly_utils.concat_all_gather(batch)
+        ptr, size = self._ptr, self.num_samples
+        written = min(batch.shape[0], size - ptr)
+        self.bank[ptr : ptr + written] = batch[:written]
+        self._ptr = 0 if ptr + batch.shape[0] >= size else ptr + batch.shape[0]
+        self._num_seen += written
+        self.bank_ptr.fill_(self._ptr)
+        self.num_seen.fill_(self._num_seen)

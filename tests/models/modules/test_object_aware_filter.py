@@ -9,6 +9,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightly_cotap.models.modules import ObjectAwareFilter
+from lightly_cotap.train.host_sync import forbid_host_sync
 
 D = 32
 HEADS = 4
@@ -243,6 +244,26 @@ class TestObjectAwareFilter:
         torch.testing.assert_close(flt.prototypes.data, 2 * new.reshape(4, D, 3, 3))
         with pytest.raises(ValueError, match=r"\(4, 32, 3, 3\)"):
             flt.set_prototypes(torch.randn(5, D, 3, 3))
+
+    def test_initialized_flag_is_read_without_the_device(self) -> None:
+        flt = ObjectAwareFilter(_block(torch.float32), embed_dim=D, num_prototypes=4)
+        with forbid_host_sync():
+            assert not flt.is_initialized
+        flt.set_prototypes(torch.randn(4, D * 9))
+        with forbid_host_sync():
+            assert flt.is_initialized
+        # Loading a state dict refreshes the host copy, in both directions.
+        fresh = ObjectAwareFilter(_block(torch.float32), embed_dim=D, num_prototypes=4)
+        state = flt.state_dict()
+        fresh.load_state_dict(state)
+        assert fresh.is_initialized and bool(fresh.prototypes_initialized)
+        state["prototypes_initialized"] = torch.tensor(False)
+        flt.load_state_dict(state)
+        assert not flt.is_initialized
+        # Also when the filter is loaded as part of a larger module.
+        parent = nn.ModuleDict({"filter": fresh})
+        parent.load_state_dict({f"filter.{k}": v for k, v in state.items()})
+        assert not fresh.is_initialized
 
     def test_invalid_arguments(self) -> None:
         block = _block(torch.float32)

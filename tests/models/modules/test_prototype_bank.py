@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightly_cotap.models.modules import PrototypeBank
+from lightly_cotap.train.host_sync import forbid_host_sync
 
 
 def test_fills_with_all_samples_then_fifo_subsets() -> None:
@@ -53,6 +54,18 @@ def test_empty_update_is_noop_and_no_grad() -> None:
     x = torch.randn(2, 2, requires_grad=True)
     bank.update(x)
     assert not bank.samples.requires_grad
+
+
+def test_no_host_synchronisation() -> None:
+    bank = PrototypeBank(num_samples=6, dim=2, num_update_when_full=3)
+    with forbid_host_sync():
+        for _ in range(4):  # filling, full, replacing
+            bank.update(torch.randn(4, 2))
+            samples = bank.samples
+        full = bank.is_full
+    assert full and samples.shape == (6, 2)
+    # 4 + 2 (full, restart at 0) + 3 + 3 (restart at 0): the FIFO of Lightly.
+    assert int(bank.num_seen) == 12 and int(bank.bank_ptr) == 0
 
 
 def test_invalid() -> None:
