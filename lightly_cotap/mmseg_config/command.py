@@ -98,7 +98,8 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         MMSegConfigError: If the file is missing or holds neither.
     """
     from lightly_cotap.export import build_model_from_checkpoint
-    from lightly_cotap.models.utils import load_checkpoint_file
+    from lightly_cotap.models.utils import CheckpointFileError, load_checkpoint_file
+    from lightly_cotap.user_errors import checkpoint_error
 
     if not Path(path).is_file():
         raise MMSegConfigError(f"--checkpoint {str(path)!r} is not a file.")
@@ -107,6 +108,16 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         if isinstance(meta, Mapping) and "embed_dim" in meta:
             return dict(meta)
         return build_model_from_checkpoint(path).get_meta()
+    except CheckpointFileError as ex:
+        error = checkpoint_error(
+            "--checkpoint",
+            path,
+            ex,
+            unsafe_fix="convert it first: python -m lightly_cotap.export "
+            "--unsafe-load --checkpoint IN --output OUT",
+            mismatch_fix="",
+        )
+        raise MMSegConfigError(str(error)) from ex
     except ValueError as ex:
         hint = (
             "\nExport timm / DINO weights first: python -m lightly_cotap.export "
