@@ -177,3 +177,23 @@ def test_all_pixels_ignored_gives_zero() -> None:
     assert result["miou"] == 0.0
     assert result["pixel_accuracy"] == 0.0
     assert result["num_present_classes"] == 0
+
+
+def test_label_edges_of_confusion_matrix() -> None:
+    target = torch.tensor([0, 1, 2, 255, 2])
+    pred = torch.tensor([0, 2, 2, 0, 1])
+    conf = confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]  # 255 not counted
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\)"):
+        confusion_matrix(pred, torch.tensor([0, 1, 3, 255, 2]), 3)  # label == C
+    with pytest.raises(ValueError, match=r"target labels.*\[-1, 2\]"):
+        confusion_matrix(pred, torch.tensor([0, 1, -1, 255, 2]), 3)
+    with pytest.raises(ValueError, match=r"pred labels must lie in \[0, 3\)"):
+        confusion_matrix(torch.tensor([0, 1, 3, 0, 1]), target, 3)  # pred == K
+    # Another ignore value: 255 is then an ordinary (out-of-range) label.
+    with pytest.raises(ValueError, match="target labels"):
+        confusion_matrix(pred, target, 3, ignore_index=-1)
+    shifted = confusion_matrix(pred, torch.tensor([0, 1, 2, -1, 2]), 3, ignore_index=-1)
+    assert torch.equal(shifted, conf)
+    # The prediction of an ignored pixel is not checked (nor counted).
+    assert torch.equal(confusion_matrix(torch.tensor([0, 2, 2, 7, 1]), target, 3), conf)
