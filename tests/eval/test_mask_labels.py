@@ -164,3 +164,57 @@ class TestValidationMasks:
         with pytest.raises(UsageError, match="holds label 9") as info:
             _decide(scan)
         assert info.value.argument == "--val-masks"
+
+
+class TestScanProblems:
+    def test_every_unreadable_image_is_listed_with_its_folder(
+        self, tmp_path: Path
+    ) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 5)
+        for image_path, _ in samples[1:]:
+            image_path.write_bytes(b"")
+        with pytest.raises(UsageError) as info:
+            scan_masks(samples, "--images", "--masks")
+        assert info.value.argument == "--images"
+        assert info.value.value == tmp_path / "set"
+        message = str(info.value)
+        assert "4 images cannot be read" in message and "; and 1 more" in message
+        for image_path, _ in samples[1:4]:
+            assert image_path.name in message
+
+    def test_masks_of_another_size_are_listed(self, tmp_path: Path) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 2)
+        Image.new("L", (2, 3)).save(samples[1][1])  # rotated: 2 wide, 3 high
+        with pytest.raises(UsageError) as info:
+            scan_masks(samples, "--val-images", "--val-masks")
+        assert info.value.argument == "--val-masks"
+        assert info.value.value == tmp_path / "set"
+        assert "1 masks differ in size" in str(info.value)
+        assert "1_mask.png is 2x3, 1.png is 3x2" in str(info.value)
+
+    def test_files_holding_a_value_are_kept_up_to_three(self, tmp_path: Path) -> None:
+        masks = [np.full((2, 2), 1)] * 4 + [np.full((2, 2), 2)]
+        scan = scan_masks(_write_pairs(tmp_path / "set", masks), "-i", "-m")
+        assert scan.pixel_counts == Counter({1: 16, 2: 4})
+        assert [path.name for _, path in scan.files[1]] == [
+            "0_mask.png",
+            "1_mask.png",
+            "2_mask.png",
+        ]
+        option, files = scan.where([2, 1])
+        assert option == "-m"
+        assert files == (
+            f"{tmp_path / 'set' / '0_mask.png'}, {tmp_path / 'set' / '1_mask.png'}, "
+            f"{tmp_path / 'set' / '2_mask.png'} and 1 more"
+        )
+        assert scan.where([7]) == ("--masks", "")
+
+    def test_long_label_lists_are_shortened(self) -> None:
+        labels = {v: 1 for v in range(12) if v != 5}
+        with pytest.raises(UsageError) as info:
+            _decide(_scan(labels))
+        assert "[0, 1, 2, 3, 4, 6, 7, ..., 11]" in str(info.value)
+        labels = {v: 1 for v in range(9) if v != 5}  # 8 labels: all shown
+        with pytest.raises(UsageError) as info:
+            _decide(_scan(labels))
+        assert "[0, 1, 2, 3, 4, 6, 7, 8]" in str(info.value)
