@@ -205,6 +205,8 @@ def test_class_counts_must_be_positive() -> None:
         confusion_matrix(target, target, 0)
     with pytest.raises(ValueError, match="must be positive, got 1 and 0"):
         confusion_matrix(target, target, 1, num_pred_classes=0)
+    with pytest.raises(ValueError, match="must be positive, got 0 and 3"):
+        confusion_matrix(target, target, 0, num_pred_classes=3)
     # One class (or one cluster) is a valid count.
     assert confusion_matrix(target, target, 1).tolist() == [[3]]
     assert confusion_matrix(target, target, 2, num_pred_classes=1).tolist() == [

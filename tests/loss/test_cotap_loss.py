@@ -352,6 +352,8 @@ def test_draw_negative_images_is_a_balanced_derangement() -> None:
         assert (counts == num).all()
     with pytest.raises(ValueError, match="num_negatives"):
         draw_negative_images(batch_size=3, num_negatives=3)
+    with pytest.raises(ValueError, match=r"\[0, 0\], got num_negatives=1"):
+        draw_negative_images(batch_size=1, num_negatives=1)  # itself: no negative
 
 
 def test_draw_negative_images_is_random() -> None:
@@ -430,17 +432,20 @@ def test_cotap_loss_float32_and_bool_masks_match_float64_reference() -> None:
 # ----------------------------------------------------------------------------------
 
 
-def _all_foreground_batch() -> dict[str, Tensor]:
+def _all_foreground_batch(sides: tuple[str, ...] = ("x", "pos")) -> dict[str, Tensor]:
+    """Continuous masks, fully foreground (all cells tie) on the given sides."""
     inputs = _random_batch(batch=2, seed=10)
-    inputs["fg_mask_x"] = torch.ones_like(inputs["fg_mask_x"], dtype=torch.bool)
-    inputs["fg_mask_pos"] = torch.ones_like(inputs["fg_mask_pos"], dtype=torch.bool)
+    for side in sides:
+        name = f"fg_mask_{side}"
+        inputs[name] = torch.ones_like(inputs[name], dtype=torch.bool)
     return inputs
 
 
-def test_cotap_loss_breaks_ties_at_random_by_default() -> None:
-    inputs = _all_foreground_batch()
+@pytest.mark.parametrize("sides", [("x", "pos"), ("x",), ("pos",)])
+def test_cotap_loss_breaks_ties_at_random_by_default(sides: tuple[str, ...]) -> None:
+    inputs = _all_foreground_batch(sides)
     # 2 images, 1 negative each: the negatives do not depend on the draw, only the
-    # choice among the 32 tied cells can.
+    # choice among the 32 tied cells of the tied side(s) can.
     default = CoTAPLoss(pool_sizes=(4,), top_k=2, num_negatives=1)
     assert default.random_tie_break
     by_index = CoTAPLoss(
@@ -621,21 +626,98 @@ def test_cotap_loss_gather_distributed_unavailable(
         CoTAPLoss(gather_distributed=True)
 
 
-def test_cotap_loss_bad_shapes() -> None:
+@pytest.mark.parametrize(
+    "name", ["student_x", "student_pos", "teacher_x", "teacher_pos"]
+)
+def test_cotap_loss_bad_feature_shapes(name: str) -> None:
     inputs = _random_batch(batch=3, seed=8)
     loss_fn = CoTAPLoss(pool_sizes=(2, 4))
-    bad = dict(inputs, student_x=inputs["student_x"][:, 0])
-    with pytest.raises(ValueError, match="student_x"):
-        loss_fn(**bad)
-    bad = dict(inputs, teacher_pos=inputs["teacher_pos"][:1])
-    with pytest.raises(ValueError, match="teacher_pos"):
-        loss_fn(**bad)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} must have shape \(B, V, K, h, w\), got \(3, 5, 4, 4\)\.$",
+    ):
+        loss_fn(**dict(inputs, **{name: inputs[name][:, 0]}))
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} must have shape \(B, V, K, h, w\), got <class 'list'>",
+    ):
+        loss_fn(**dict(inputs, **{name: [1.0]}))
+    if name != "student_x":
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name} must have the shape of student_x \(3, 2, 5, 4, 4\), "
+            r"got \(1, 2, 5, 4, 4\)\.$",
+        ):
+            loss_fn(**dict(inputs, **{name: inputs[name][:1]}))
+
+
+@pytest.mark.parametrize("name", ["fg_mask_x", "fg_mask_pos"])
+def test_cotap_loss_bad_mask_shapes(name: str) -> None:
+    inputs = _random_batch(batch=3, seed=8)
+    loss_fn = CoTAPLoss(pool_sizes=(2, 4))
+    expected = rf"^{name} must have shape \(B, V, h, w\) = \(3, 2, 4, 4\) matching "
     # Mask with crop and image axes swapped (the official-code ordering bug).
-    bad = dict(inputs, fg_mask_x=inputs["fg_mask_x"].transpose(0, 1))
-    with pytest.raises(ValueError, match="fg_mask_x"):
-        loss_fn(**bad)
+    with pytest.raises(
+        ValueError, match=expected + r"the features, got \(2, 3, 4, 4\)"
+    ):
+        loss_fn(**dict(inputs, **{name: inputs[name].transpose(0, 1)}))
+    with pytest.raises(ValueError, match=expected + "the features, got <class 'list'>"):
+        loss_fn(**dict(inputs, **{name: [0.5]}))
+
+
+def test_cotap_loss_bad_shapes() -> None:
+    inputs = _random_batch(batch=3, seed=8)
     with pytest.raises(ValueError, match="pool_sizes"):
         CoTAPLoss(pool_sizes=(7,))(**inputs)
+    # No image or no crop.
+    for empty in (slice(0, 0), slice(None)):
+        crops = slice(0, 0) if empty == slice(None) else slice(None)
+        bad = {k: v[empty][:, crops] for k, v in inputs.items()}
+        with pytest.raises(ValueError, match="at least one image and crop"):
+            CoTAPLoss(pool_sizes=(2,))(**bad)
+
+
+def test_cotap_loss_one_crop_matches_reference() -> None:
+    inputs = {k: v.detach()[:, :1] for k, v in _random_batch(batch=3, seed=13).items()}
+    inputs["student_x"].requires_grad_()
+    loss = CoTAPLoss(pool_sizes=(2, 4), top_k=3)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(2, 4), top_k=3)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cotap_loss_defaults_follow_the_paper() -> None:
+    loss_fn = CoTAPLoss()
+    assert loss_fn.pool_sizes == (7, 14)
+    assert (loss_fn.top_k, loss_fn.num_negatives) == (5, 5)
+    assert loss_fn.negative_weight == 0.1
+    ranking = loss_fn.ranking_loss
+    assert (ranking.tau, ranking.kappa, ranking.weight_offset) == (0.5, 1.0, -0.2)
+    assert loss_fn.random_tie_break and not loss_fn.gather_distributed
+
+
+def test_cotap_loss_gather_distributed_without_process_group() -> None:
+    # Outside torch.distributed (or with one process) nothing is gathered.
+    inputs = _random_batch(batch=3, seed=14)
+    values = []
+    for gather in (False, True):
+        torch.manual_seed(0)
+        values.append(CoTAPLoss(pool_sizes=(2, 4), gather_distributed=gather)(**inputs))
+    torch.testing.assert_close(values[1], values[0], rtol=0.0, atol=0.0)
+
+
+def test_pair_similarities_of_bf16_cells_are_float32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.randn(3, 2, 8, generator=gen).bfloat16()
+    positives = torch.randn(3, 4, 8, generator=gen).bfloat16()
+    negatives = torch.tensor([[1], [2], [0]])
+    sim, _ = pair_similarities(
+        anchors=anchors, positives=positives, negative_index=negatives
+    )
+    expected, _ = pair_similarities(
+        anchors=anchors.float(), positives=positives.float(), negative_index=negatives
+    )
+    assert sim.dtype == torch.float32
+    torch.testing.assert_close(sim, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_cotap_loss_non_finite_features() -> None:
