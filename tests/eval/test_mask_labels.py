@@ -40,10 +40,12 @@ def _decide(scan: MaskScan, **kwargs: Any) -> Any:
 
 
 def _write_pairs(folder: Path, masks: list[np.ndarray]) -> list[tuple[Path, Path]]:
-    folder.mkdir(parents=True)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
     samples = []
     for i, mask in enumerate(masks):
-        image_path, mask_path = folder / f"{i}.png", folder / f"{i}_mask.png"
+        image_path = folder / "images" / f"{i}.png"
+        mask_path = folder / "masks" / f"{i}_mask.png"
         Image.new("RGB", mask.shape[::-1]).save(image_path)
         Image.fromarray(mask.astype(np.uint8)).save(mask_path)
         samples.append((image_path, mask_path))
@@ -176,21 +178,23 @@ class TestScanProblems:
         with pytest.raises(UsageError) as info:
             scan_masks(samples, "--images", "--masks")
         assert info.value.argument == "--images"
-        assert info.value.value == tmp_path / "set"
+        assert info.value.value == tmp_path / "set" / "images"
         message = str(info.value)
         assert "4 images cannot be read" in message and "; and 1 more" in message
         for image_path, _ in samples[1:4]:
             assert image_path.name in message
 
     def test_masks_of_another_size_are_listed(self, tmp_path: Path) -> None:
-        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 2)
-        Image.new("L", (2, 3)).save(samples[1][1])  # rotated: 2 wide, 3 high
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 3)
+        for _, mask_path in samples[::2]:
+            Image.new("L", (2, 3)).save(mask_path)  # rotated: 2 wide, 3 high
         with pytest.raises(UsageError) as info:
             scan_masks(samples, "--val-images", "--val-masks")
         assert info.value.argument == "--val-masks"
-        assert info.value.value == tmp_path / "set"
-        assert "1 masks differ in size" in str(info.value)
-        assert "1_mask.png is 2x3, 1.png is 3x2" in str(info.value)
+        assert info.value.value == tmp_path / "set" / "masks"
+        assert "2 masks differ in size" in str(info.value)
+        assert "0_mask.png is 2x3, 0.png is 3x2" in str(info.value)
+        assert "2_mask.png is 2x3, 2.png is 3x2" in str(info.value)
 
     def test_files_holding_a_value_are_kept_up_to_three(self, tmp_path: Path) -> None:
         masks = [np.full((2, 2), 1)] * 4 + [np.full((2, 2), 2)]
@@ -203,9 +207,10 @@ class TestScanProblems:
         ]
         option, files = scan.where([2, 1])
         assert option == "-m"
+        masks = tmp_path / "set" / "masks"
         assert files == (
-            f"{tmp_path / 'set' / '0_mask.png'}, {tmp_path / 'set' / '1_mask.png'}, "
-            f"{tmp_path / 'set' / '2_mask.png'} and 1 more"
+            f"{masks / '0_mask.png'}, {masks / '1_mask.png'}, "
+            f"{masks / '2_mask.png'} and 1 more"
         )
         assert scan.where([7]) == ("--masks", "")
 
