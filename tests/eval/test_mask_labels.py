@@ -207,10 +207,10 @@ class TestScanProblems:
         ]
         option, files = scan.where([2, 1])
         assert option == "-m"
-        masks = tmp_path / "set" / "masks"
+        folder = tmp_path / "set" / "masks"
         assert files == (
-            f"{masks / '0_mask.png'}, {masks / '1_mask.png'}, "
-            f"{masks / '2_mask.png'} and 1 more"
+            f"{folder / '0_mask.png'}, {folder / '1_mask.png'}, "
+            f"{folder / '2_mask.png'} and 1 more"
         )
         assert scan.where([7]) == ("--masks", "")
 

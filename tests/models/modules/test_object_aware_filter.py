@@ -63,7 +63,7 @@ def _reference(
         var = ((x - mu) ** 2).mean(-1, keepdim=True)
         return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
-    def scale(x: Tensor, layer_scale: nn.Module) -> Tensor:
+    def scale(x: Tensor, layer_scale: Any) -> Tensor:
         # LayerScale (DINOv2-style blocks, timm's init_values) multiplies by gamma.
         return x if isinstance(layer_scale, nn.Identity) else x * layer_scale.gamma
 
