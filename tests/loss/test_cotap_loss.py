@@ -176,16 +176,7 @@ def test_cotap_loss_matches_reference_values_and_gradients(seed: int) -> None:
     loss = loss_fn(**inputs)
     grads = torch.autograd.grad(loss, [inputs["student_x"], inputs["student_pos"]])
 
-    expected = _reference_loss(
-        student_x=inputs["student_x"],
-        student_pos=inputs["student_pos"],
-        teacher_x=inputs["teacher_x"],
-        teacher_pos=inputs["teacher_pos"],
-        fg_mask_x=inputs["fg_mask_x"],
-        fg_mask_pos=inputs["fg_mask_pos"],
-        pool_sizes=(2, 4),
-        top_k=3,
-    )
+    expected = _reference_of(inputs, pool_sizes=(2, 4), top_k=3)
     expected_grads = torch.autograd.grad(
         expected, [inputs["student_x"], inputs["student_pos"]]
     )
