@@ -370,8 +370,8 @@ def test_cotap_loss_single_image_and_empty_foreground(random_tie_break: bool) ->
     (grad,) = torch.autograd.grad(loss, inputs["student_x"])
     assert float(grad.abs().sum()) > 0
     if random_tie_break:
-        # Any 2 of the all-background cells may be drawn: the loss is one of the
-        # losses of a fixed choice, which depend on the choice.
+        # Any 2 of the tied background cells may be drawn, so the value depends on
+        # the draw; like every loss of this kind it lies in (0, 1).
         assert 0.0 < float(loss.detach()) < 1.0
         return
     # No other image: own pairs only; every cell of x ties, the first cells win.
@@ -498,7 +498,7 @@ def _count_ranking_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_cotap_loss_fast_path_matches_dense_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # 8 images * 3**2 pairs of cells * (1 + 5 negatives) ... with top_k=5:
+    # 8 images * 5**2 pairs of kept cells * (own x+ and 5 negatives):
     # n = 8 * 25 * 6 = 1,200 items per pool size, past the dense limit of 512.
     inputs = _random_batch(batch=8, seed=11)
     calls = _count_ranking_paths(monkeypatch)
