@@ -243,8 +243,9 @@ class CoTAPLoss(nn.Module):
             Scalar loss, the mean over ``pool_sizes`` of the ranking loss.
 
         Raises:
-            ValueError: If shapes do not match or a pooling size exceeds the feature
-                grid; with :func:`~lightly_cotap.loss.value_checks` on, also if
+            ValueError: If shapes do not match, a pooling size exceeds the feature
+                grid or (with ``gather_distributed``) the ranks hold different batch
+                sizes; with :func:`~lightly_cotap.loss.value_checks` on, also if
                 values are not finite.
         """
         _validate_inputs(
@@ -256,6 +257,8 @@ class CoTAPLoss(nn.Module):
             fg_mask_pos=fg_mask_pos,
             pool_sizes=self.pool_sizes,
         )
+        if self.gather_distributed and _world_size() > 1:
+            _check_same_batch_size(student_x)
         losses = []
         for pool_size in self.pool_sizes:
             index_x = select_foreground_cells(
@@ -459,6 +462,25 @@ def _gather(tensor: Tensor) -> tuple[Tensor, ...]:
     from lightly.utils import dist
 
     return tuple(dist.gather(tensor))
+
+
+def _check_same_batch_size(student_x: Tensor) -> None:
+    """Raises ValueError on every rank unless all ranks hold the same batch size.
+
+    Gathering tensors of different lengths is undefined in torch.distributed (gloo
+    aborts the process, NCCL may hang), so the sizes are compared first.
+    """
+    local = torch.tensor([student_x.shape[0]], device=student_x.device)
+    sizes = [torch.empty_like(local) for _ in range(_world_size())]
+    torch.distributed.all_gather(sizes, local)
+    batch_sizes = [int(size) for size in sizes]
+    if len(set(batch_sizes)) > 1:
+        raise ValueError(
+            "gather_distributed=True needs the same batch size on every rank, got "
+            f"batch sizes {batch_sizes} on ranks 0..{len(batch_sizes) - 1} (student_x "
+            f"of shape {tuple(student_x.shape)} here); drop the last incomplete "
+            "batch or pad the batches to one size."
+        )
 
 
 def _validate_inputs(

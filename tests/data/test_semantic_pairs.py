@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,8 +344,11 @@ class TestSemanticPairDataset:
     def test_label_mode_torchvision_image_folder(self, class_folder: Path) -> None:
         torch.manual_seed(2)
         base = torchvision.datasets.ImageFolder(str(class_folder))
-        with pytest.warns(UserWarning, match="1 of 3 classes have a single image"):
+        with pytest.warns(
+            UserWarning, match="1 of 3 classes have a single image"
+        ) as record:
             pairs = SemanticPairDataset(base, mode="labels", transform=_small_tensor)
+        assert len(record) == 1 and record[0].filename == __file__
         labels = np.array(base.targets)
         assert pairs.labels is not None and (pairs.labels == labels).all()
         partners: dict[int, set[int]] = {i: set() for i in range(len(base))}
@@ -365,7 +369,9 @@ class TestSemanticPairDataset:
     def test_label_mode_explicit_string_labels(self) -> None:
         base = SampleImageDataset()
         labels = ["x", "y"] * 4
-        pairs = SemanticPairDataset(base, labels=labels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no class has a single image
+            pairs = SemanticPairDataset(base, labels=labels)
         assert pairs.mode == "labels"
         for i in range(8):
             _, _, index, index_pos = pairs[i]

@@ -177,3 +177,92 @@ def test_all_pixels_ignored_gives_zero() -> None:
     assert result["miou"] == 0.0
     assert result["pixel_accuracy"] == 0.0
     assert result["num_present_classes"] == 0
+
+
+def test_label_edges_of_confusion_matrix() -> None:
+    target = torch.tensor([0, 1, 2, 255, 2])
+    pred = torch.tensor([0, 2, 2, 0, 1])
+    conf = confusion_matrix(pred, target, 3)
+    assert conf.tolist() == [[1, 0, 0], [0, 0, 1], [0, 1, 1]]  # 255 not counted
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 3\)"):
+        confusion_matrix(pred, torch.tensor([0, 1, 3, 255, 2]), 3)  # label == C
+    with pytest.raises(ValueError, match=r"target labels.*\[-1, 2\]"):
+        confusion_matrix(pred, torch.tensor([0, 1, -1, 255, 2]), 3)
+    with pytest.raises(ValueError, match=r"pred labels must lie in \[0, 3\)"):
+        confusion_matrix(torch.tensor([0, 1, 3, 0, 1]), target, 3)  # pred == K
+    # Another ignore value: 255 is then an ordinary (out-of-range) label.
+    with pytest.raises(ValueError, match="target labels"):
+        confusion_matrix(pred, target, 3, ignore_index=-1)
+    shifted = confusion_matrix(pred, torch.tensor([0, 1, 2, -1, 2]), 3, ignore_index=-1)
+    assert torch.equal(shifted, conf)
+    # The prediction of an ignored pixel is not checked (nor counted).
+    assert torch.equal(confusion_matrix(torch.tensor([0, 2, 2, 7, 1]), target, 3), conf)
+
+
+def test_class_counts_must_be_positive() -> None:
+    target = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match="must be positive, got 0 and 0"):
+        confusion_matrix(target, target, 0)
+    with pytest.raises(ValueError, match="must be positive, got 1 and 0"):
+        confusion_matrix(target, target, 1, num_pred_classes=0)
+    with pytest.raises(ValueError, match="must be positive, got 0 and 3"):
+        confusion_matrix(target, target, 0, num_pred_classes=3)
+    # One class (or one cluster) is a valid count.
+    assert confusion_matrix(target, target, 1).tolist() == [[3]]
+    assert confusion_matrix(target, target, 2, num_pred_classes=1).tolist() == [
+        [3],
+        [0],
+    ]
+
+
+def test_single_pixel_is_checked_and_scored() -> None:
+    with pytest.raises(ValueError, match="target labels"):
+        confusion_matrix(torch.tensor([0]), torch.tensor([3]), 3)
+    with pytest.raises(ValueError, match="pred labels"):
+        confusion_matrix(torch.tensor([3]), torch.tensor([0]), 3)
+    # A class of one pixel, found: IoU 1 (union 1), pixel accuracy 1.
+    conf = confusion_matrix(torch.tensor([0]), torch.tensor([0]), 2)
+    assert iou_matrix(conf).tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    result = metrics_from_confusion(conf)
+    assert result["iou_per_class"] == [1.0, 0.0]
+    assert result["pixel_accuracy"] == 1.0
+
+
+def test_defaults_follow_leopart() -> None:
+    conf = confusion_matrix(PRED, TARGET, 3)
+    # Absent classes count as 0 by default.
+    assert metrics_from_confusion(conf)["miou"] == pytest.approx((3 / 4 + 4 / 5) / 3)
+    # Nothing present: mIoU 0, not NaN, in both conventions.
+    empty = torch.zeros(3, 3, dtype=torch.long)
+    for mode in ("zero", "exclude"):
+        result = metrics_from_confusion(empty, absent_classes=mode)  # type: ignore[arg-type]
+        assert result["miou"] == 0.0 and result["pixel_accuracy"] == 0.0
+    assert matched_metrics(conf, absent_classes="exclude")["miou"] == pytest.approx(
+        (3 / 4 + 4 / 5) / 2
+    )
+
+
+def test_matched_metrics_defaults_and_options() -> None:
+    # 2 classes, 4 clusters: cluster 2 holds 3 px of class 0 and 2 px of class 1.
+    conf = torch.tensor([[4, 0, 3, 0], [0, 4, 2, 1]])
+    hungarian = matched_metrics(conf)  # Hungarian, unmatched clusters -> class 0
+    assert hungarian["mapping"] == hungarian_match(conf, unmatched_label=0).tolist()
+    assert hungarian["mapping"] == [0, 1, 0, 0]
+    assert hungarian_match(conf).tolist() == [0, 1, 0, 0]
+    assert matched_metrics(conf, unmatched_label=1)["mapping"] == [0, 1, 1, 1]
+    # Greedy: cluster 1 holds 3 px of class 0 (11 px) and 2 px of class 1 (2 px):
+    # by precision (default) it goes to class 0, by IoU (2/5 > 3/13) to class 1.
+    conf = torch.tensor([[8, 3], [0, 2]])
+    assert matched_metrics(conf, matching="greedy")["mapping"] == [0, 0]
+    by_iou = matched_metrics(conf, matching="greedy", precision_based=False)
+    assert by_iou["mapping"] == [0, 1]
+
+
+def test_matching_needs_a_2d_confusion_matrix() -> None:
+    for match in (hungarian_match, greedy_match):
+        with pytest.raises(
+            ValueError, match=r"conf must have shape \(C, K\), got \(4,\)"
+        ):
+            match(torch.ones(4))
+    with pytest.raises(ValueError, match=r"mapping must have shape \(3,\), got \(2,\)"):
+        remap_confusion(torch.ones(2, 3), torch.zeros(2, dtype=torch.long), 2)

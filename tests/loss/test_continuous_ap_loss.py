@@ -184,6 +184,22 @@ def test_auto_method_switches_on_list_size(monkeypatch: pytest.MonkeyPatch) -> N
     loss_fn(scores=torch.randn(100), targets=torch.rand(100))
     loss_fn(scores=torch.randn(101), targets=torch.rand(101))
     assert calls == ["dense", "fast"]
+    # B lists of n items count B * n * n pair entries: 4 rows of 50 reach the limit,
+    # 4 rows of 51 pass it, 5 rows of 45 pass it although each row is shorter.
+    calls.clear()
+    loss_fn(scores=torch.randn(4, 50), targets=torch.rand(4, 50))
+    loss_fn(scores=torch.randn(4, 51), targets=torch.rand(4, 51))
+    loss_fn(scores=torch.randn(5, 45), targets=torch.rand(5, 45))
+    assert calls == ["dense", "fast", "fast"]
+    # The explicit methods ignore the size.
+    calls.clear()
+    ContinuousAPLoss(method="dense", dense_max_pairs=0)(
+        scores=torch.randn(2, 8), targets=torch.rand(2, 8)
+    )
+    ContinuousAPLoss(method="fast", dense_max_pairs=10**9)(
+        scores=torch.randn(2, 8), targets=torch.rand(2, 8)
+    )
+    assert calls == ["dense", "fast"]
     calls.clear()
     default = ContinuousAPLoss()  # CPU: the measured crossover at 512 items
     default(scores=torch.randn(512), targets=torch.rand(512))
@@ -410,11 +426,39 @@ def test_autocast_bf16_computes_in_float32() -> None:
 
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
-def test_float32_fast_path_is_accurate(method: str) -> None:
-    s, t = _random_lists((4000,), ties=False, seed=13)
-    ref = ContinuousAPLoss(method="fast")(scores=s, targets=t)
-    value = ContinuousAPLoss(method=method)(scores=s.float(), targets=t.float())
-    assert float(value) == pytest.approx(float(ref), rel=1e-5)
+def test_float32_inputs_match_float64_dense_reference(method: str) -> None:
+    s, t = _random_lists((3000,), ties=False, seed=13)
+    s32, t32 = s.float(), t.float()
+    # The reference: the dense path in float64 on the same (float32-rounded) values.
+    ref_value, ref_grad = _value_and_grad(
+        ContinuousAPLoss(method="dense"), s32.double(), targets=t32.double()
+    )
+    value, grad = _value_and_grad(ContinuousAPLoss(method=method), s32, targets=t32)
+    assert value.dtype == grad.dtype == torch.float32
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=1e-3, atol=1e-5 * float(ref_grad.abs().max())
+    )
+
+
+def test_float32_inputs_are_exact_on_anchors_with_few_negatives() -> None:
+    """Anchors with a tiny NEG lose it to cancellation if the sums run in float32."""
+    s, t = _random_lists((3000,), ties=False, seed=13)
+    s32, t32 = s.float(), t.float()
+    valid = torch.ones(1, 3000, dtype=torch.bool)
+    neg, _ = _ranking_ops.dense_negatives_and_positives(
+        s32.double()[None], t32.double()[None], valid, TAU
+    )
+    positive = torch.nonzero(neg[0] > 0).squeeze(1)
+    smallest = positive[neg[0, positive].argsort()[:10]]
+    weights = torch.zeros(3000)
+    weights[smallest] = 1.0
+    # Only those 10 anchors weigh: the loss is the mean of their l_i.
+    expected = ContinuousAPLoss(method="dense")(
+        scores=s32.double(), targets=t32.double(), weights=weights.double()
+    )
+    value = ContinuousAPLoss(method="fast")(scores=s32, targets=t32, weights=weights)
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0.0)
 
 
 def test_cuda_matches_cpu() -> None:

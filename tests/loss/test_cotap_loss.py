@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from lightly_cotap.loss import ContinuousAPLoss, cotap_loss, value_checks
+from lightly_cotap.loss import ContinuousAPLoss, _ranking_ops, cotap_loss, value_checks
 from lightly_cotap.loss.cotap_loss import (
     CoTAPLoss,
     draw_negative_images,
@@ -15,6 +16,7 @@ from lightly_cotap.loss.cotap_loss import (
     pool_cells,
     select_foreground_cells,
 )
+from lightly_cotap.loss.cotap_objective import CoTAPObjective
 
 # ----------------------------------------------------------------------------------
 # Reference implementation written from the formula (float64, explicit loops).
@@ -119,6 +121,22 @@ def _reference_loss(
     return torch.stack(losses).mean()
 
 
+def _reference_of(
+    inputs: dict[str, Tensor], *, pool_sizes: tuple[int, ...], top_k: int
+) -> Tensor:
+    """:func:`_reference_loss` of a batch of :func:`_random_batch` (default weights)."""
+    return _reference_loss(
+        student_x=inputs["student_x"],
+        student_pos=inputs["student_pos"],
+        teacher_x=inputs["teacher_x"],
+        teacher_pos=inputs["teacher_pos"],
+        fg_mask_x=inputs["fg_mask_x"],
+        fg_mask_pos=inputs["fg_mask_pos"],
+        pool_sizes=pool_sizes,
+        top_k=top_k,
+    )
+
+
 def _random_batch(
     batch: int = 3, crops: int = 2, dim: int = 5, size: int = 4, seed: int = 0
 ) -> dict[str, Tensor]:
@@ -158,16 +176,7 @@ def test_cotap_loss_matches_reference_values_and_gradients(seed: int) -> None:
     loss = loss_fn(**inputs)
     grads = torch.autograd.grad(loss, [inputs["student_x"], inputs["student_pos"]])
 
-    expected = _reference_loss(
-        student_x=inputs["student_x"],
-        student_pos=inputs["student_pos"],
-        teacher_x=inputs["teacher_x"],
-        teacher_pos=inputs["teacher_pos"],
-        fg_mask_x=inputs["fg_mask_x"],
-        fg_mask_pos=inputs["fg_mask_pos"],
-        pool_sizes=(2, 4),
-        top_k=3,
-    )
+    expected = _reference_of(inputs, pool_sizes=(2, 4), top_k=3)
     expected_grads = torch.autograd.grad(
         expected, [inputs["student_x"], inputs["student_pos"]]
     )
@@ -334,6 +343,8 @@ def test_draw_negative_images_is_a_balanced_derangement() -> None:
         assert (counts == num).all()
     with pytest.raises(ValueError, match="num_negatives"):
         draw_negative_images(batch_size=3, num_negatives=3)
+    with pytest.raises(ValueError, match=r"\[0, 0\], got num_negatives=1"):
+        draw_negative_images(batch_size=1, num_negatives=1)  # itself: no negative
 
 
 def test_draw_negative_images_is_random() -> None:
@@ -350,13 +361,24 @@ def test_draw_negative_images_is_random() -> None:
 # ----------------------------------------------------------------------------------
 
 
-def test_cotap_loss_single_image_and_empty_foreground() -> None:
+@pytest.mark.parametrize("random_tie_break", [False, True])
+def test_cotap_loss_single_image_and_empty_foreground(random_tie_break: bool) -> None:
     inputs = _random_batch(batch=1, seed=5)
     inputs["fg_mask_x"] = torch.zeros_like(inputs["fg_mask_x"], dtype=torch.bool)
-    loss = CoTAPLoss(pool_sizes=(2, 4), top_k=2)(**inputs)
-    assert torch.isfinite(loss)
-    loss.backward()
-    assert inputs["student_x"].grad is not None
+    loss_fn = CoTAPLoss(pool_sizes=(2, 4), top_k=2, random_tie_break=random_tie_break)
+    loss = loss_fn(**inputs)
+    (grad,) = torch.autograd.grad(loss, inputs["student_x"])
+    assert float(grad.abs().sum()) > 0
+    if random_tie_break:
+        # Any 2 of the tied background cells may be drawn, so the value depends on
+        # the draw; like every loss of this kind it lies in (0, 1).
+        assert 0.0 < float(loss.detach()) < 1.0
+        return
+    # No other image: own pairs only; every cell of x ties, the first cells win.
+    expected = _reference_of(inputs, pool_sizes=(2, 4), top_k=2)
+    (expected_grad,) = torch.autograd.grad(expected, inputs["student_x"])
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
 
 
 def test_cotap_loss_zero_weights_keep_graph() -> None:
@@ -370,15 +392,212 @@ def test_cotap_loss_zero_weights_keep_graph() -> None:
     assert inputs["student_x"].grad is not None
 
 
-def test_cotap_loss_float32_and_bool_masks() -> None:
+def test_cotap_loss_float32_and_bool_masks_match_float64_reference() -> None:
     inputs = _random_batch(batch=3, seed=7)
     inputs = {k: v.detach().float() for k, v in inputs.items()}
     inputs["student_x"].requires_grad_()
     inputs["fg_mask_x"] = inputs["fg_mask_x"] > 0.5
     inputs["fg_mask_pos"] = inputs["fg_mask_pos"] > 0.5
-    loss = CoTAPLoss(pool_sizes=(2, 4))(**inputs)
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # Binary masks tie; the reference keeps the first cells among equal fractions.
+    loss = CoTAPLoss(pool_sizes=(2, 4), top_k=3, random_tie_break=False)(**inputs)
+    assert loss.dtype == torch.float32
+    (grad,) = torch.autograd.grad(loss, inputs["student_x"])
+    reference_inputs = {
+        k: v.double() if v.is_floating_point() else v for k, v in inputs.items()
+    }
+    reference_inputs["student_x"] = reference_inputs["student_x"].detach()
+    reference_inputs["student_x"].requires_grad_()
+    expected = _reference_of(reference_inputs, pool_sizes=(2, 4), top_k=3)
+    (expected_grad,) = torch.autograd.grad(expected, reference_inputs["student_x"])
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        grad.double(),
+        expected_grad,
+        rtol=1e-3,
+        atol=1e-5 * float(expected_grad.abs().max()),
+    )
+
+
+# ----------------------------------------------------------------------------------
+# Tie-breaking on binary masks (the case where ties happen).
+# ----------------------------------------------------------------------------------
+
+
+def _all_foreground_batch(sides: tuple[str, ...] = ("x", "pos")) -> dict[str, Tensor]:
+    """Continuous masks, fully foreground (all cells tie) on the given sides."""
+    inputs = _random_batch(batch=2, seed=10)
+    for side in sides:
+        name = f"fg_mask_{side}"
+        inputs[name] = torch.ones_like(inputs[name], dtype=torch.bool)
+    return inputs
+
+
+@pytest.mark.parametrize("sides", [("x", "pos"), ("x",), ("pos",)])
+def test_cotap_loss_breaks_ties_at_random_by_default(sides: tuple[str, ...]) -> None:
+    inputs = _all_foreground_batch(sides)
+    # 2 images, 1 negative each: the negatives do not depend on the draw, only the
+    # choice among the 32 tied cells of the tied side(s) can.
+    default = CoTAPLoss(pool_sizes=(4,), top_k=2, num_negatives=1)
+    assert default.random_tie_break
+    by_index = CoTAPLoss(
+        pool_sizes=(4,), top_k=2, num_negatives=1, random_tie_break=False
+    )
+    losses, losses_by_index = set(), set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        losses.add(float(default(**inputs).detach()))
+        torch.manual_seed(seed)
+        losses_by_index.add(float(by_index(**inputs).detach()))
+    assert len(losses) > 1
+    # Without random tie-breaks the first cells (all in crop 0) always win.
+    assert len(losses_by_index) == 1
+    expected = _reference_of(inputs, pool_sizes=(4,), top_k=2)
+    assert losses_by_index.pop() == pytest.approx(float(expected.detach()), rel=1e-10)
+
+
+def test_select_foreground_cells_default_draws_tied_cells_uniformly() -> None:
+    # 1 image, 2 crops of 4 x 4 fully foreground cells: 32 tied cells.
+    mask = torch.ones(1, 2, 4, 4, dtype=torch.bool)
+    torch.manual_seed(0)
+    counts = torch.zeros(32)
+    for _ in range(320):
+        counts[select_foreground_cells(mask, pool_size=4, top_k=1)[0, 0]] += 1
+    assert bool((counts > 0).all())  # crop 1 too, not only the first cells
+    assert float(counts[16:].sum()) == pytest.approx(160, abs=40)
+    first = select_foreground_cells(mask, pool_size=4, top_k=3, random_tie_break=False)
+    assert first.tolist() == [[0, 1, 2]]
+
+
+def test_cotap_objective_breaks_ties_at_random_by_default() -> None:
+    objective = CoTAPObjective(patch_queue_size=16, cls_queue_size=16)
+    assert objective.cotap_loss.random_tie_break
+
+
+# ----------------------------------------------------------------------------------
+# Long lists: the fast ranking path.
+# ----------------------------------------------------------------------------------
+
+
+def _count_ranking_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    module = "lightly_cotap.loss.continuous_ap_loss"
+    for name, label in (
+        ("dense_negatives_and_positives", "dense"),
+        ("fast_negatives_and_positives", "fast"),
+    ):
+        original = getattr(_ranking_ops, name)
+
+        def spy(
+            *args: Any, _original: Any = original, _label: str = label, **kwargs: Any
+        ) -> Any:
+            calls.append(_label)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(f"{module}.{name}", spy)
+    return calls
+
+
+def test_cotap_loss_fast_path_matches_dense_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 8 images * 5**2 pairs of kept cells * (own x+ and 5 negatives):
+    # n = 8 * 25 * 6 = 1,200 items per pool size, past the dense limit of 512.
+    inputs = _random_batch(batch=8, seed=11)
+    calls = _count_ranking_paths(monkeypatch)
+    results = []
+    for method in ("auto", "dense"):
+        loss_fn = CoTAPLoss(
+            pool_sizes=(2, 4),
+            top_k=5,
+            num_negatives=5,
+            criterion=ContinuousAPLoss(method=method),
+        )
+        torch.manual_seed(0)
+        loss = loss_fn(**inputs)
+        grads = torch.autograd.grad(loss, [inputs["student_x"], inputs["student_pos"]])
+        results.append((loss, grads))
+    assert calls == ["fast", "fast", "dense", "dense"]
+    (fast, fast_grads), (dense, dense_grads) = results
+    torch.testing.assert_close(fast, dense, rtol=1e-10, atol=0.0)
+    for g, e in zip(fast_grads, dense_grads):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-13)
+
+
+def _chunked_reference_ap(
+    scores: Tensor, targets: Tensor, weights: Tensor, tau: float, chunk: int = 200
+) -> tuple[Tensor, Tensor]:
+    """Float64 loss and d loss / d scores from the formula, anchors in chunks."""
+    s = scores.detach().double().requires_grad_()
+    t, w = targets.double(), weights.double()
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, len(s), chunk):
+        s_i, t_i = s[start : start + chunk, None], t[start : start + chunk, None]
+        x = s_i - s[None]
+        # phi_tau without branches: (1 - x/tau)_+^2 is the quadratic piece on
+        # [0, tau) and 0 above; below 0 it exceeds 1 - 2x/tau by (x/tau)^2.
+        phi = (1 - x / tau).clamp_min(0) ** 2 - (x.clamp_max(0) / tau) ** 2
+        neg = ((t_i - t[None]).clamp_min(0) * phi).sum(1)
+        pos = ((t[None] >= t_i) & (s[None] >= s_i)).sum(1).detach()
+        u = neg / pos
+        part = (w[start : start + chunk] * u / (1 + u)).sum() / w.sum()
+        part.backward()
+        total += part.detach()
+    assert s.grad is not None
+    return total, s.grad
+
+
+@pytest.mark.slow
+def test_cotap_loss_training_size_list_matches_float64_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The list of a training step: 64 images, 2 crops of 14 x 14 float32 features,
+    binary masks, top 5 of the 7 x 7 cells, 5 negatives: 64 * 25 * 6 = 9,600 items.
+    """
+    gen = torch.Generator().manual_seed(12)
+    shape = (64, 2, 16, 14, 14)
+    teacher_x, teacher_pos = (
+        torch.randn(shape, generator=gen),
+        torch.randn(shape, generator=gen),
+    )
+    inputs = dict(
+        student_x=(
+            teacher_x + 0.7 * torch.randn(shape, generator=gen)
+        ).requires_grad_(),
+        student_pos=teacher_pos + 0.7 * torch.randn(shape, generator=gen),
+        teacher_x=teacher_x,
+        teacher_pos=teacher_pos,
+        fg_mask_x=torch.rand(64, 2, 14, 14, generator=gen) > 0.6,
+        fg_mask_pos=torch.rand(64, 2, 14, 14, generator=gen) > 0.6,
+    )
+    criterion = ContinuousAPLoss(tau=0.5, kappa=1.0)
+    loss_fn = CoTAPLoss(pool_sizes=(7,), criterion=criterion)
+    lists: list[dict[str, Tensor]] = []
+    rank = criterion.forward
+
+    def record(*, scores: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        scores.retain_grad()
+        lists.append(dict(scores=scores, targets=targets, weights=weights))
+        return rank(scores=scores, targets=targets, weights=weights)
+
+    monkeypatch.setattr(criterion, "forward", record)
+    calls = _count_ranking_paths(monkeypatch)
+    loss = loss_fn(**inputs)
     loss.backward()
+    assert calls == ["fast"] and len(lists) == 1
+    ranked = lists[0]
+    assert ranked["scores"].shape == (9600,) and ranked["scores"].dtype == torch.float32
+    expected, expected_grad = _chunked_reference_ap(
+        ranked["scores"], ranked["targets"], ranked["weights"], tau=0.5
+    )
+    grad = ranked["scores"].grad
+    assert grad is not None
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(
+        grad.double(),
+        expected_grad,
+        rtol=1e-4,
+        atol=1e-6 * float(expected_grad.abs().max()),
+    )
 
 
 @pytest.mark.parametrize(
@@ -405,21 +624,99 @@ def test_cotap_loss_gather_distributed_unavailable(
         CoTAPLoss(gather_distributed=True)
 
 
-def test_cotap_loss_bad_shapes() -> None:
+@pytest.mark.parametrize(
+    "name", ["student_x", "student_pos", "teacher_x", "teacher_pos"]
+)
+def test_cotap_loss_bad_feature_shapes(name: str) -> None:
     inputs = _random_batch(batch=3, seed=8)
     loss_fn = CoTAPLoss(pool_sizes=(2, 4))
-    bad = dict(inputs, student_x=inputs["student_x"][:, 0])
-    with pytest.raises(ValueError, match="student_x"):
-        loss_fn(**bad)
-    bad = dict(inputs, teacher_pos=inputs["teacher_pos"][:1])
-    with pytest.raises(ValueError, match="teacher_pos"):
-        loss_fn(**bad)
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} must have shape \(B, V, K, h, w\), got \(3, 5, 4, 4\)\.$",
+    ):
+        loss_fn(**dict(inputs, **{name: inputs[name][:, 0]}))
+    with pytest.raises(
+        ValueError,
+        match=rf"^{name} must have shape \(B, V, K, h, w\), got <class 'list'>",
+    ):
+        loss_fn(**dict(inputs, **{name: [1.0]}))
+    if name != "student_x":
+        with pytest.raises(
+            ValueError,
+            match=rf"^{name} must have the shape of student_x \(3, 2, 5, 4, 4\), "
+            r"got \(1, 2, 5, 4, 4\)\.$",
+        ):
+            loss_fn(**dict(inputs, **{name: inputs[name][:1]}))
+
+
+@pytest.mark.parametrize("name", ["fg_mask_x", "fg_mask_pos"])
+def test_cotap_loss_bad_mask_shapes(name: str) -> None:
+    inputs = _random_batch(batch=3, seed=8)
+    loss_fn = CoTAPLoss(pool_sizes=(2, 4))
+    expected = rf"^{name} must have shape \(B, V, h, w\) = \(3, 2, 4, 4\) matching "
     # Mask with crop and image axes swapped (the official-code ordering bug).
-    bad = dict(inputs, fg_mask_x=inputs["fg_mask_x"].transpose(0, 1))
-    with pytest.raises(ValueError, match="fg_mask_x"):
-        loss_fn(**bad)
+    with pytest.raises(
+        ValueError, match=expected + r"the features, got \(2, 3, 4, 4\)"
+    ):
+        loss_fn(**dict(inputs, **{name: inputs[name].transpose(0, 1)}))
+    with pytest.raises(ValueError, match=expected + "the features, got <class 'list'>"):
+        loss_fn(**dict(inputs, **{name: [0.5]}))
+
+
+def test_cotap_loss_bad_shapes() -> None:
+    inputs = _random_batch(batch=3, seed=8)
     with pytest.raises(ValueError, match="pool_sizes"):
         CoTAPLoss(pool_sizes=(7,))(**inputs)
+    # No image or no crop.
+    for empty in (slice(0, 0), slice(None)):
+        crops = slice(0, 0) if empty == slice(None) else slice(None)
+        bad = {k: v[empty][:, crops] for k, v in inputs.items()}
+        with pytest.raises(ValueError, match="at least one image and crop"):
+            CoTAPLoss(pool_sizes=(2,))(**bad)
+
+
+def test_cotap_loss_one_crop_matches_reference() -> None:
+    inputs = {k: v.detach()[:, :1] for k, v in _random_batch(batch=3, seed=13).items()}
+    inputs["student_x"].requires_grad_()
+    loss = CoTAPLoss(pool_sizes=(2, 4), top_k=3)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(2, 4), top_k=3)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cotap_loss_defaults_follow_the_paper() -> None:
+    loss_fn = CoTAPLoss()
+    assert loss_fn.pool_sizes == (7, 14)
+    assert (loss_fn.top_k, loss_fn.num_negatives) == (5, 5)
+    assert loss_fn.negative_weight == 0.1
+    ranking = loss_fn.criterion
+    assert isinstance(ranking, ContinuousAPLoss)
+    assert (ranking.tau, ranking.kappa, loss_fn.weight_offset) == (0.5, 1.0, -0.2)
+    assert loss_fn.random_tie_break and not loss_fn.gather_distributed
+
+
+def test_cotap_loss_gather_distributed_without_process_group() -> None:
+    # Outside torch.distributed (or with one process) nothing is gathered.
+    inputs = _random_batch(batch=3, seed=14)
+    values = []
+    for gather in (False, True):
+        torch.manual_seed(0)
+        values.append(CoTAPLoss(pool_sizes=(2, 4), gather_distributed=gather)(**inputs))
+    torch.testing.assert_close(values[1], values[0], rtol=0.0, atol=0.0)
+
+
+def test_pair_similarities_of_bf16_cells_are_float32() -> None:
+    gen = torch.Generator().manual_seed(0)
+    anchors = torch.randn(3, 2, 8, generator=gen).bfloat16()
+    positives = torch.randn(3, 4, 8, generator=gen).bfloat16()
+    negatives = torch.tensor([[1], [2], [0]])
+    sim, _ = pair_similarities(
+        anchors=anchors, positives=positives, negative_index=negatives
+    )
+    expected, _ = pair_similarities(
+        anchors=anchors.float(), positives=positives.float(), negative_index=negatives
+    )
+    assert sim.dtype == torch.float32
+    torch.testing.assert_close(sim, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_cotap_loss_non_finite_features() -> None:

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, default_collate
 
 from lightly_cotap.data import SampleImageDataset
+from lightly_cotap.transforms import cotap_transform
 from lightly_cotap.transforms.cotap_transform import (
     CoTAPTransform,
     box_intersection,
@@ -134,11 +135,26 @@ class TestCoTAPTransform:
         # Local crops cover <= 10% of the image, so 40% overlap is impossible.
         torch.manual_seed(3)
         transform = CoTAPTransform(min_intersection=0.4, max_tries=3)
-        with pytest.warns(UserWarning, match="min_intersection"):
+        with pytest.warns(UserWarning, match="min_intersection") as record:
             boxes = transform.sample_boxes(height=200, width=300)
         for v in range(1, transform.n_views):
             for g in range(min(v, 2)):
                 assert _intersection_area(boxes[v], boxes[g]) > 0
+        # One warning per crop that misses (here every crop after the first), naming
+        # it, the limit and the image, reported at the caller (not in the library).
+        messages = [str(w.message) for w in record]
+        assert len(messages) == transform.n_views - 1
+        assert messages[0].startswith("CoTAPTransform: crop 1 misses min_intersection")
+        assert "after 3 tries on a 200x300 image" in messages[0]
+        assert cotap_transform.__file__ not in {w.filename for w in record}
+
+    def test_no_warning_when_the_overlap_is_reachable(self) -> None:
+        torch.manual_seed(3)
+        transform = CoTAPTransform()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(20):
+                transform.sample_boxes(height=200, width=300)
 
     def test_crops_match_boxes_tensor_input(self) -> None:
         # Pixel values encode the original coordinates, so the value of output pixel

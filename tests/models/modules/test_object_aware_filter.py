@@ -15,9 +15,12 @@ D = 32
 HEADS = 4
 
 
-def _block(dtype: torch.dtype = torch.float64, qkv_bias: bool = True) -> Block:
+def _block(
+    dtype: torch.dtype = torch.float64, qkv_bias: bool = True, **options: Any
+) -> Block:
+    """A timm ViT block; ``options`` are timm's (``init_values``, ``qk_norm``, ...)."""
     torch.manual_seed(0)
-    block = Block(dim=D, num_heads=HEADS, qkv_bias=qkv_bias, mlp_ratio=2.0)
+    block = Block(dim=D, num_heads=HEADS, qkv_bias=qkv_bias, mlp_ratio=2.0, **options)
     for p in block.parameters():
         # Non-trivial norm / bias parameters as well.
         p.data.normal_(0.0, 0.3)
@@ -41,8 +44,11 @@ def _filter(
 
 def _reference(
     flt: ObjectAwareFilter, block: Block, cls: Tensor, patches: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Naive filter written from the formula: explicit loops over the k x k offsets."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Naive filter written from the formula: explicit loops over the k x k offsets.
+
+    Returns the CLS output, the dense output and the patch attention (B, nh, M, H, W).
+    """
     b, d, h, w = patches.shape
     attn = block.attn
     nh, hd = attn.num_heads, attn.head_dim
@@ -50,22 +56,31 @@ def _reference(
     wq, wk, wv = block.attn.qkv.weight.split(d, dim=0)
     bq, bk, bv = block.attn.qkv.bias.split(d, dim=0)
 
-    def ln(x: Tensor, norm: nn.LayerNorm) -> Tensor:
+    def ln(x: Tensor, norm: nn.Module) -> Tensor:
+        if isinstance(norm, nn.Identity):
+            return x
+        assert isinstance(norm, nn.LayerNorm)
         mu = x.mean(-1, keepdim=True)
         var = ((x - mu) ** 2).mean(-1, keepdim=True)
         return (x - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
+    def scale(x: Tensor, layer_scale: Any) -> Tensor:
+        # LayerScale (DINOv2-style blocks, timm's init_values) multiplies by gamma.
+        return x if isinstance(layer_scale, nn.Identity) else x * layer_scale.gamma
+
     def update(x: Tensor, out: Tensor) -> Tensor:
-        x = x + attn.proj(out)
-        updated: Tensor = x + block.mlp(ln(x, block.norm2))
+        # attn.norm is the optional norm before the projection (scale_attn_norm).
+        x = x + scale(attn.proj(ln(out, attn.norm)), block.ls1)
+        updated: Tensor = x + scale(block.mlp(ln(x, block.norm2)), block.ls2)
         return updated
 
     protos = ln(flt.prototypes.permute(0, 2, 3, 1), flt.norm_in)  # (M, k, k, D)
-    keys = (protos @ wk.T + bk).reshape(m, k, k, nh, hd)
+    # qk-norm: a LayerNorm over the head dimension of every key and query.
+    keys = ln((protos @ wk.T + bk).reshape(m, k, k, nh, hd), attn.k_norm)
     values = (protos @ wv.T + bv).reshape(m, k * k, nh, hd).mean(1)  # (M, nh, hd)
 
     p = patches.permute(0, 2, 3, 1)  # (B, H, W, D)
-    q = (ln(p, block.norm1) @ wq.T + bq).reshape(b, h, w, nh, hd)
+    q = ln((ln(p, block.norm1) @ wq.T + bq).reshape(b, h, w, nh, hd), attn.q_norm)
     logits = torch.zeros(b, nh, m, h, w, dtype=patches.dtype)
     r = k // 2
     for y in range(h):
@@ -82,13 +97,13 @@ def _reference(
     p_new = update(p, out)
     dense = ln(torch.cat([p, p_new], -1), flt.norm_out_patch).permute(0, 3, 1, 2)
 
-    qc = (ln(cls, block.norm1) @ wq.T + bq).reshape(b, nh, hd)
+    qc = ln((ln(cls, block.norm1) @ wq.T + bq).reshape(b, nh, hd), attn.q_norm)
     kc = keys.mean(dim=(1, 2))  # (M, nh, hd)
     ac = (torch.einsum("bnc,mnc->bnm", qc, kc) / m**0.5).softmax(-1)
     outc = torch.einsum("bnm,mnc->bnc", ac, values).reshape(b, d)
     cls_new = update(cls, outc)
     cls_out = ln(torch.cat([cls, cls_new], -1), flt.norm_out_cls)
-    return cls_out, dense
+    return cls_out, dense, a
 
 
 class TestObjectAwareFilter:
@@ -101,11 +116,44 @@ class TestObjectAwareFilter:
         cls = torch.randn(2, D, dtype=torch.float64)
         patches = torch.randn(2, D, *hw, dtype=torch.float64)
         cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense = _reference(flt, block, cls, patches)
+        ref_cls, ref_dense, _ = _reference(flt, block, cls, patches)
         assert cls_out.shape == (2, 2 * D)
         assert dense.shape == (2, 2 * D, *hw)
         torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize(
+        "options",
+        [
+            dict(init_values=0.5),  # LayerScale ls1 / ls2
+            dict(qk_norm=True),  # LayerNorm on keys and queries per head
+            dict(scale_attn_norm=True),  # LayerNorm before attn.proj
+            dict(init_values=0.5, qk_norm=True),  # DINOv2-style with qk-norm
+        ],
+        ids=["layer_scale", "qk_norm", "attn_norm", "layer_scale_qk_norm"],
+    )
+    def test_matches_reference_on_block_options(self, options: dict[str, Any]) -> None:
+        block = _block(**options)
+        # Every optional layer exists and has random (non-identity) parameters.
+        if "init_values" in options:
+            assert not isinstance(block.ls1, nn.Identity)
+            assert not torch.allclose(block.ls1.gamma, block.ls2.gamma)
+        if "qk_norm" in options:
+            assert isinstance(block.attn.q_norm, nn.LayerNorm)
+            assert isinstance(block.attn.k_norm, nn.LayerNorm)
+        if "scale_attn_norm" in options:
+            assert isinstance(block.attn.norm, nn.LayerNorm)
+        flt = _filter(block)
+        torch.manual_seed(4)
+        cls = torch.randn(2, D, dtype=torch.float64)
+        patches = torch.randn(2, D, 4, 3, dtype=torch.float64)
+        cls_out, dense = flt(cls, patches)
+        ref_cls, ref_dense, ref_attn = _reference(flt, block, cls, patches)
+        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            flt.patch_attention(patches), ref_attn, rtol=1e-10, atol=1e-12
+        )
 
     def test_zero_cross_attention_reduces_to_mlp_update(self) -> None:
         block = _block()

@@ -1,0 +1,225 @@
+"""Edges of the label checks of ``eval``: the last class, the ignore value, labels
+that only the validation masks hold, and the mapping applied to every mask.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lightly_cotap.eval.mask_labels import (
+    LabelMapping,
+    MaskScan,
+    decide_classes,
+    scan_masks,
+)
+from lightly_cotap.user_errors import UsageError
+
+
+def _scan(counts: dict[int, int], option: str = "--masks") -> MaskScan:
+    scan = MaskScan(pixel_counts=Counter(counts))
+    scan.files = {v: [(option, Path(f"mask_{v}.png"))] for v in counts}
+    return scan
+
+
+def _decide(scan: MaskScan, **kwargs: Any) -> Any:
+    options: dict[str, Any] = dict(
+        num_classes=None,
+        declared_by="--num-classes",
+        ignore_index=255,
+        ignore_index_given=False,
+        ignore_unknown=False,
+    )
+    options.update(kwargs)
+    return decide_classes(scan, **options)
+
+
+def _write_pairs(folder: Path, masks: list[np.ndarray]) -> list[tuple[Path, Path]]:
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    samples = []
+    for i, mask in enumerate(masks):
+        image_path = folder / "images" / f"{i}.png"
+        mask_path = folder / "masks" / f"{i}_mask.png"
+        Image.new("RGB", mask.shape[::-1]).save(image_path)
+        Image.fromarray(mask.astype(np.uint8)).save(mask_path)
+        samples.append((image_path, mask_path))
+    return samples
+
+
+class TestDeclaredClasses:
+    def test_label_equal_to_num_classes_is_outside(self) -> None:
+        with pytest.raises(UsageError, match=r"labels \[3\] \(2 pixels\) lie outside"):
+            _decide(_scan({0: 10, 1: 5, 2: 4, 3: 2}), num_classes=3)
+
+    def test_last_class_is_inside(self) -> None:
+        decision = _decide(_scan({0: 10, 1: 5, 2: 4}), num_classes=3)
+        assert decision.num_classes == 3
+        assert decision.mapping is None and decision.messages == []
+
+    def test_label_equal_to_num_classes_is_ignored_on_request(self) -> None:
+        decision = _decide(
+            _scan({0: 10, 1: 5, 2: 4, 3: 2, 255: 7}), num_classes=3, ignore_unknown=True
+        )
+        assert decision.num_classes == 3
+        assert decision.messages == [
+            "--masks: ignoring 2 pixels with labels [3] outside the 3 classes "
+            "(in mask_3.png)"
+        ]
+        mapped = decision.mapping(np.array([0, 1, 2, 3, 4, 255]))
+        assert mapped.tolist() == [0, 1, 2, 255, 255, 255]
+
+    def test_ignore_value_is_no_label(self) -> None:
+        # 255 (the ignore value) lies outside the 2 classes but is not unknown.
+        decision = _decide(_scan({0: 10, 1: 5, 255: 3}), num_classes=2)
+        assert decision.num_classes == 2 and decision.mapping is None
+
+    def test_explicit_ignore_value_inside_the_classes(self) -> None:
+        # --ignore-index 0: label 0 is ignored, 1 and 2 are the labelled classes.
+        decision = _decide(
+            _scan({0: 10, 1: 5, 2: 4}),
+            num_classes=3,
+            ignore_index=0,
+            ignore_index_given=True,
+        )
+        assert decision.num_classes == 3
+        # Undeclared, labels 1..2 without 0 do not define the classes.
+        with pytest.raises(UsageError, match="--num-classes"):
+            _decide(_scan({0: 10, 1: 5, 2: 4}), ignore_index=0, ignore_index_given=True)
+
+    def test_negative_label_is_outside(self) -> None:
+        with pytest.raises(UsageError, match=r"labels \[-1\]"):
+            _decide(_scan({-1: 1, 0: 10, 1: 5}), num_classes=2)
+        with pytest.raises(UsageError, match="holds label -1"):
+            _decide(_scan({-1: 1, 0: 10, 1: 5}))
+
+    def test_fewer_than_two_declared_classes(self) -> None:
+        with pytest.raises(UsageError, match="at least 2 classes"):
+            _decide(_scan({0: 10, 1: 5}), num_classes=1)
+
+
+class TestInferredClasses:
+    def test_gap_free_labels_define_the_classes(self) -> None:
+        decision = _decide(_scan({0: 10, 1: 5, 2: 1, 255: 9}))
+        assert decision.num_classes == 3 and decision.mapping is None
+
+    def test_one_stray_value_is_refused(self) -> None:
+        with pytest.raises(UsageError, match=r"holds label 200 \(1 pixels\)"):
+            _decide(_scan({0: 10, 1: 5, 200: 1}))
+
+    def test_only_ignored_pixels(self) -> None:
+        with pytest.raises(UsageError, match="every mask pixel equals it"):
+            _decide(_scan({255: 10}))
+        with pytest.raises(UsageError, match=r"every labelled pixel is class \[0\]"):
+            _decide(_scan({0: 10, 255: 4}), num_classes=3)
+
+    def test_0_255_masks_are_binary_unless_255_is_the_given_ignore_value(self) -> None:
+        decision = _decide(_scan({0: 10, 255: 4}))
+        assert decision.num_classes == 2
+        assert decision.mapping == LabelMapping(2, 255, binary=True)
+        assert "read as binary masks" in decision.messages[0]
+        with pytest.raises(UsageError, match="class \\[0\\]"):
+            _decide(_scan({0: 10, 255: 4}), ignore_index_given=True)
+        # Declared as 3 classes, 255 stays the ignore value.
+        assert _decide(_scan({0: 10, 255: 4, 1: 2}), num_classes=3).mapping is None
+
+
+class TestLabelMapping:
+    def test_binary_and_unknown_labels(self) -> None:
+        labels = np.array([0, 1, 2, 3, 254, 255])
+        assert LabelMapping(3, 255)(labels).tolist() == labels.tolist()
+        binary = LabelMapping(2, 255, binary=True)(np.array([0, 255, 0]))
+        assert binary.tolist() == [0, 1, 0]
+        unknown = LabelMapping(3, 255, ignore_unknown=True)(labels)
+        assert unknown.tolist() == [0, 1, 2, 255, 255, 255]
+        # Another ignore value: it is kept, labels >= 3 become it.
+        other = LabelMapping(3, 100, ignore_unknown=True)(np.array([-2, 2, 3, 100]))
+        assert other.tolist() == [100, 2, 100, 100]
+
+
+class TestValidationMasks:
+    def test_labels_only_in_validation_masks_count(self, tmp_path: Path) -> None:
+        train = _write_pairs(tmp_path / "train", [np.array([[0, 1], [2, 2]])])
+        val = _write_pairs(tmp_path / "val", [np.array([[0, 3], [3, 255]])])
+        scan = scan_masks(train, "--images", "--masks")
+        scan = scan_masks(val, "--val-images", "--val-masks", scan)
+        assert scan.pixel_counts == Counter({0: 2, 1: 1, 2: 2, 3: 2, 255: 1})
+        assert _decide(scan).num_classes == 4
+        # Declared as 3 classes, the validation-only label 3 is outside: the message
+        # names the validation option and file.
+        with pytest.raises(UsageError) as info:
+            _decide(scan, num_classes=3)
+        assert info.value.argument == "--val-masks"
+        assert str(val[0][1]) in str(info.value.value)
+        assert "labels [3] (2 pixels)" in str(info.value)
+
+    def test_stray_value_only_in_validation_masks(self, tmp_path: Path) -> None:
+        train = _write_pairs(tmp_path / "train", [np.array([[0, 1], [1, 0]])])
+        val = _write_pairs(tmp_path / "val", [np.array([[0, 1], [9, 0]])])
+        scan = scan_masks(train, "--images", "--masks")
+        scan = scan_masks(val, "--val-images", "--val-masks", scan)
+        with pytest.raises(UsageError, match="holds label 9") as info:
+            _decide(scan)
+        assert info.value.argument == "--val-masks"
+
+
+class TestScanProblems:
+    def test_every_unreadable_image_is_listed_with_its_folder(
+        self, tmp_path: Path
+    ) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 5)
+        for image_path, _ in samples[1:]:
+            image_path.write_bytes(b"")
+        with pytest.raises(UsageError) as info:
+            scan_masks(samples, "--images", "--masks")
+        assert info.value.argument == "--images"
+        assert info.value.value == tmp_path / "set" / "images"
+        message = str(info.value)
+        assert "4 images cannot be read" in message and "; and 1 more" in message
+        for image_path, _ in samples[1:4]:
+            assert image_path.name in message
+
+    def test_masks_of_another_size_are_listed(self, tmp_path: Path) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 3)
+        for _, mask_path in samples[::2]:
+            Image.new("L", (2, 3)).save(mask_path)  # rotated: 2 wide, 3 high
+        with pytest.raises(UsageError) as info:
+            scan_masks(samples, "--val-images", "--val-masks")
+        assert info.value.argument == "--val-masks"
+        assert info.value.value == tmp_path / "set" / "masks"
+        assert "2 masks differ in size" in str(info.value)
+        assert "0_mask.png is 2x3, 0.png is 3x2" in str(info.value)
+        assert "2_mask.png is 2x3, 2.png is 3x2" in str(info.value)
+
+    def test_files_holding_a_value_are_kept_up_to_three(self, tmp_path: Path) -> None:
+        masks = [np.full((2, 2), 1)] * 4 + [np.full((2, 2), 2)]
+        scan = scan_masks(_write_pairs(tmp_path / "set", masks), "-i", "-m")
+        assert scan.pixel_counts == Counter({1: 16, 2: 4})
+        assert [path.name for _, path in scan.files[1]] == [
+            "0_mask.png",
+            "1_mask.png",
+            "2_mask.png",
+        ]
+        option, files = scan.where([2, 1])
+        assert option == "-m"
+        folder = tmp_path / "set" / "masks"
+        assert files == (
+            f"{folder / '0_mask.png'}, {folder / '1_mask.png'}, "
+            f"{folder / '2_mask.png'} and 1 more"
+        )
+        assert scan.where([7]) == ("--masks", "")
+
+    def test_long_label_lists_are_shortened(self) -> None:
+        labels = {v: 1 for v in range(12) if v != 5}
+        with pytest.raises(UsageError) as info:
+            _decide(_scan(labels))
+        assert "[0, 1, 2, 3, 4, 6, 7, ..., 11]" in str(info.value)
+        labels = {v: 1 for v in range(9) if v != 5}  # 8 labels: all shown
+        with pytest.raises(UsageError) as info:
+            _decide(_scan(labels))
+        assert "[0, 1, 2, 3, 4, 6, 7, 8]" in str(info.value)
