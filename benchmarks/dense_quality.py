@@ -104,6 +104,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from lightly_cotap.atomic_write import save_torch, write_text
 from lightly_cotap.data import CopyPasteScenes, NeighborIndex, SemanticPairDataset
 from lightly_cotap.eval import evaluate_dense
 from lightly_cotap.eval.visualize import pca_rgb, save_image_grid, to_uint8_images
@@ -739,14 +740,6 @@ def object_masks(samples: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Ten
 PCA_METHODS = ("a_dino", "b_cotap")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
 @dataclass
 class Paths:
     objects: Path
@@ -787,7 +780,7 @@ def stage1_task(
                 model, SceneImages(images), cfg, cfg.lr, seed, cfg.stage1_steps
             )
         p_state = export_state_dict(model)
-        save_atomic(p_state, out / "stage1" / f"seed{seed}.pth")
+        save_torch(p_state, out / "stage1" / f"seed{seed}.pth")
     model.eval()
     neighbors = build_neighbors(p_state, data.images, cfg)
     report = {
@@ -849,7 +842,7 @@ def stage2_task(
             use_filter=method != "e_cotap_no_filter",
         )
     if save_model and method in PCA_METHODS:
-        save_atomic(
+        save_torch(
             export_state_dict(model), out / "models" / f"seed{seed}_{method}.pth"
         )
     return {
@@ -1215,10 +1208,11 @@ def main() -> None:
     figure = pca_figure(paths, cfg, seeds[0], args.out, p_label)
     if figure is not None:
         print(f"PCA figure: {figure}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(text + "\n")
+    write_text(args.out / "table.md", text + "\n")
     rows = ["R", "P", *args.methods]
-    (args.out / "results.json").write_text(
+    # Plain json.dumps: a NaN metric must not cost the run its results file.
+    write_text(
+        args.out / "results.json",
         json.dumps(
             {
                 "config": asdict(cfg),
@@ -1233,7 +1227,7 @@ def main() -> None:
                 "seconds": seconds,
             },
             indent=2,
-        )
+        ),
     )
 
 
