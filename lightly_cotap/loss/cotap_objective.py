@@ -131,6 +131,7 @@ class CoTAPObjective(nn.Module):
         kappa: float = 1.0,
         weight_offset: float = -0.2,
         random_tie_break: bool = True,
+        criterion: nn.Module | None = None,
         patch_temperature: float = 0.1,
         roi_output_size: int = 6,
         fg_threshold: float = 1.0,
@@ -162,6 +163,8 @@ class CoTAPObjective(nn.Module):
             kappa: ContinuousAPLoss multiplier.
             weight_offset: ContinuousAPLoss weight offset.
             random_tie_break: CoTAPLoss random tie break of foreground scores.
+            criterion: CoTAPLoss ranking criterion (None: ``ContinuousAPLoss`` with
+                ``tau`` / ``kappa``; see :class:`~lightly_cotap.loss.CoTAPLoss`).
             patch_temperature: PatchClusterLoss student temperature.
             roi_output_size: PatchClusterLoss RoI grid side.
             fg_threshold: PatchClusterLoss aligned-foreground threshold.
@@ -199,6 +202,7 @@ class CoTAPObjective(nn.Module):
             kappa=kappa,
             weight_offset=weight_offset,
             random_tie_break=random_tie_break,
+            criterion=criterion,
             gather_distributed=gather_distributed,
         )
         self.patch_cluster_loss = PatchClusterLoss(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from lightly_cotap.loss.correspondence_criteria import SimilarityKLLoss
 from lightly_cotap.loss.cotap_loss import CoTAPLoss
 from lightly_cotap.loss.cotap_objective import CoTAPObjective, CoTAPViewOutputs
 from lightly_cotap.loss.cross_crop_cls_loss import CrossCropClsLoss
@@ -171,3 +172,25 @@ def test_errors() -> None:
         objective(x=x, pos=bad)
     with pytest.raises(ValueError, match="cotap_weight"):
         CoTAPObjective(cotap_weight=-1.0)
+
+
+def test_criterion_reaches_the_cotap_term() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x, pos = _side(gen), _side(gen)
+    criterion = SimilarityKLLoss()
+    objective = _objective(criterion=criterion)
+    assert objective.cotap_loss.criterion is criterion
+    _, terms = objective(x=x, pos=pos)
+    expected = CoTAPLoss(
+        pool_sizes=(2, 4), top_k=3, num_negatives=B - 1, criterion=SimilarityKLLoss()
+    )(
+        student_x=x.student_patch_global,
+        student_pos=pos.student_patch_global,
+        teacher_x=x.teacher_patch,
+        teacher_pos=pos.teacher_patch,
+        fg_mask_x=x.fg_mask,
+        fg_mask_pos=pos.fg_mask,
+    )
+    default = _objective()(x=x, pos=pos)[1]["cotap"]
+    torch.testing.assert_close(terms["cotap"], expected)
+    assert not torch.allclose(terms["cotap"], default)
