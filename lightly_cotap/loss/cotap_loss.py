@@ -61,10 +61,10 @@ class CoTAPLoss(nn.Module):
     thresholded targets, the hinge surrogate of the ranking loss).
 
     Inputs carry an explicit crop axis, ``(B, V, ...)``, for features *and* masks so
-    that a mask can never be paired with the wrong image or crop. (The research notes
-    flag that the authors' code reshapes the mask in a different order than the
-    features; this implementation pairs image ``b`` / crop ``v`` of the features with
-    image ``b`` / crop ``v`` of the mask.)
+    that a mask can never be paired with the wrong image or crop. (The authors' code
+    reshapes the mask in a different order than the features; this implementation
+    pairs image ``b`` / crop ``v`` of the features with image ``b`` / crop ``v`` of
+    the mask.)
 
     Differences from the authors' code [1], all documented choices:
 
