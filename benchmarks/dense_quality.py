@@ -75,7 +75,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import multiprocessing
 import statistics
 import time
@@ -98,6 +97,7 @@ from lightly.models.utils import (
 )
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.scheduler import cosine_schedule
+from lr_schedule import set_lr
 from pytorch_lightning import seed_everything
 from pytorch_lightning.utilities import move_data_to_device
 from torch import Tensor, nn
@@ -354,17 +354,6 @@ def backbone(cfg: Config, use_filter: bool, **kwargs: Any) -> CoTAPVisionTransfo
 
 def optimizer(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.04)
-
-
-def set_lr(opt: torch.optim.Optimizer, step: int, steps: int, lr: float) -> None:
-    warmup = max(1, steps // 10)
-    value = (
-        lr
-        * min(1.0, (step + 1) / warmup)
-        * (0.5 + 0.5 * math.cos(math.pi * step / steps))
-    )
-    for group in opt.param_groups:
-        group["lr"] = value * group.get("lr_scale", 1.0)
 
 
 # -- objectives -----------------------------------------------------------------------

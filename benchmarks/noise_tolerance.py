@@ -98,7 +98,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import multiprocessing
 import re
 import statistics
@@ -112,6 +111,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lr_schedule import set_lr
 from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -505,14 +505,6 @@ def make_criterion(name: str, stats: TeacherStats, list_size: int) -> nn.Module:
         k = stats.positives_per_list if calibrated else list_size // 2
         return TopKInfoNCELoss(top_k=k, temperature=TEMPERATURE)
     raise ValueError(f"unknown criterion {name!r}; choose from {CRITERIA}.")
-
-
-def set_lr(opt: torch.optim.Optimizer, step: int, steps: int, lr: float) -> None:
-    warmup = max(1, steps // 10)
-    value = lr * min(1.0, (step + 1) / warmup)
-    value *= 0.5 + 0.5 * math.cos(math.pi * step / steps)
-    for group in opt.param_groups:
-        group["lr"] = value
 
 
 def train_student(
