@@ -106,6 +106,7 @@ from tqdm import tqdm
 
 from lightly_cotap.atomic_write import save_torch, write_text
 from lightly_cotap.data import CopyPasteScenes, NeighborIndex, SemanticPairDataset
+from lightly_cotap.data.copy_paste_scenes import Split
 from lightly_cotap.eval import evaluate_dense
 from lightly_cotap.eval.visualize import pca_rgb, save_image_grid, to_uint8_images
 from lightly_cotap.export import export_state_dict
@@ -282,26 +283,46 @@ def make_scenes(
     )
 
 
+def object_centric_scenes(
+    objects: Path,
+    backgrounds: Path,
+    *,
+    split: Split,
+    num_samples: int,
+    image_size: int,
+    seed: int,
+) -> CopyPasteScenes:
+    """The stage-1 image recipe: one centred, large cut-out on a random background."""
+    return CopyPasteScenes(
+        objects,
+        backgrounds,
+        split=split,
+        num_samples=num_samples,
+        image_size=image_size,
+        num_objects=(1, 1),
+        object_scale=(0.55, 0.85),
+        center_jitter=0.1,
+        augment_backgrounds=True,
+        seed=seed,
+        max_background_side=512,
+    )
+
+
 def object_centric_images(
     objects: Path, backgrounds: Path, cfg: Config, seed: int, size: int
 ) -> tuple[list[Any], list[int]]:
-    """Stage-1 images: one centred, large train-split cut-out on a random background.
+    """Stage-1 images of the train-split cut-outs (:func:`object_centric_scenes`).
 
     Returns:
         The PIL images and their object classes (0-based).
     """
-    images = CopyPasteScenes(
+    images = object_centric_scenes(
         objects,
         backgrounds,
         split="train",
         num_samples=cfg.stage1_images,
         image_size=size,
-        num_objects=(1, 1),
-        object_scale=(0.55, 0.85),
-        center_jitter=0.1,
-        augment_backgrounds=True,
         seed=seed + 3000,
-        max_background_side=512,
     )
     layouts = [images.layout(i) for i in range(len(images))]
     return (

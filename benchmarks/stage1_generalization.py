@@ -25,27 +25,22 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dense_quality as dq  # noqa: E402
 
-from lightly_cotap.data import CopyPasteScenes  # noqa: E402
+from lightly_cotap.data.copy_paste_scenes import Split  # noqa: E402
 from lightly_cotap.data.segmentation_folder import image_to_tensor  # noqa: E402
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer  # noqa: E402
 
 
 def object_images(
-    paths: dq.Paths, split: str, seed: int, count: int, size: int
+    paths: dq.Paths, split: Split, seed: int, count: int, size: int
 ) -> tuple[Tensor, np.ndarray]:
     """Normalised object-centric images of one split and their class ids."""
-    scenes = CopyPasteScenes(
+    scenes = dq.object_centric_scenes(
         paths.objects,
         paths.backgrounds,
-        split=split,  # type: ignore[arg-type]
+        split=split,
         num_samples=count,
         image_size=size,
-        num_objects=(1, 1),
-        object_scale=(0.55, 0.85),
-        center_jitter=0.1,
-        augment_backgrounds=True,
         seed=seed,
-        max_background_side=512,
     )
     layouts = [scenes.layout(i) for i in range(count)]
     images = torch.stack([image_to_tensor(scenes.render(lay)[0]) for lay in layouts])
