@@ -452,7 +452,8 @@ def train_supervised(
         index = torch.randint(len(x), (cfg.stage1_batch_size,), generator=generator)
         batch = x[index].to(cfg.device).float().div(255)
         flip = torch.rand(len(batch), generator=generator) < 0.5
-        batch[flip.to(cfg.device)] = batch[flip.to(cfg.device)].flip(3)
+        flip = flip.to(cfg.device)[:, None, None, None]
+        batch = torch.where(flip, batch.flip(3), batch)  # no boolean indexing (sync)
         logits = head(model((batch - mean) / std).dense.mean((2, 3)))
         loss = F.cross_entropy(logits, y[index].to(cfg.device), label_smoothing=0.1)
         opt.zero_grad()
