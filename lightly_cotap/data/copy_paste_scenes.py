@@ -179,6 +179,7 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
         backgrounds_root: str | Path,
         *,
         split: Split = "train",
+        object_split: Split | None = None,
         num_samples: int = 1000,
         image_size: int = 224,
         num_objects: tuple[int, int] = (1, 3),
@@ -202,6 +203,10 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             backgrounds_root: Folder of background photos (searched recursively).
             split: ``"train"``, ``"test"`` (disjoint objects and backgrounds) or
                 ``"all"``.
+            object_split: Split of the cut-outs when it differs from ``split``
+                (``None``: ``split``); e.g. ``"all"`` with ``split="train"`` uses
+                every cut-out of a pool that holds no test object on the training
+                backgrounds.
             num_samples: Length of the dataset.
             image_size: Side of the square scenes.
             num_objects: Inclusive range of objects per scene.
@@ -239,8 +244,12 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
         ):
             if not folder.is_dir():
                 raise ValueError(f"{name} {str(folder)!r} is not a folder.")
-        if split not in ("train", "test", "all"):
-            raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}.")
+        object_split = split if object_split is None else object_split
+        for name, value in (("split", split), ("object_split", object_split)):
+            if value not in ("train", "test", "all"):
+                raise ValueError(
+                    f"{name} must be 'train', 'test' or 'all', got {value!r}."
+                )
         if num_samples <= 0 or image_size <= 0:
             raise ValueError(
                 f"num_samples and image_size must be positive, got {num_samples} and "
@@ -275,7 +284,7 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
             if not files:
                 raise ValueError(f"class folder {str(folder)!r} has no images.")
             self.objects[class_id] = _split_pool(
-                files, split, test_fraction, split_seed, f"objects/{name}"
+                files, object_split, test_fraction, split_seed, f"objects/{name}"
             )
         self.backgrounds = _split_pool(
             _image_files(backgrounds_root, recursive=True),
@@ -287,6 +296,7 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
         if not self.backgrounds:
             raise ValueError(f"no background photos in {str(backgrounds_root)!r}.")
         self.split = split
+        self.object_split = object_split
         self.num_samples = num_samples
         self.image_size = image_size
         self.num_objects = num_objects

@@ -124,6 +124,21 @@ def test_train_test_splits_are_disjoint(inputs: tuple[Path, Path]) -> None:
     assert any(b != test.backgrounds for b in other)
 
 
+def test_object_split_all_keeps_the_background_split(
+    inputs: tuple[Path, Path],
+) -> None:
+    train = _scenes(inputs, split="train")
+    pool = _scenes(inputs, split="train", object_split="all", seed=3)
+    everything = _scenes(inputs, split="all")
+    assert pool.objects == everything.objects != train.objects
+    assert pool.backgrounds == train.backgrounds != everything.backgrounds
+    assert pool.object_split == "all" and train.object_split == "train"
+    for i in range(len(pool)):
+        assert pool.layout(i).background in train.backgrounds
+    with pytest.raises(ValueError, match="object_split must be"):
+        _scenes(inputs, object_split="val")
+
+
 def test_getitem_tensors_and_transform(inputs: tuple[Path, Path]) -> None:
     scenes = _scenes(inputs, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
     image, mask = scenes[0]
