@@ -10,7 +10,12 @@ Steps (each skipped when its output already exists):
 2. build ``CACHE/objects/<class>/*.png`` (the 7 classes of ``TUXPAINT_CLASSES`` and
    the photo filter of ``is_photo_cutout``) and ``CACHE/backgrounds/*.jpg`` (21
    photos);
-3. write ``OUT/train`` and ``OUT/test`` with ``images/`` and ``masks/`` folders
+3. build ``CACHE/stage1_objects/<class>/*.png``, the object pool of the
+   dense-quality benchmark's stage 1 (:func:`stage1_object_pool`): every stamp with
+   a real alpha channel (photos and clip-art) except the test-split cut-outs of step
+   2 and their near-duplicates, one class per stamp folder; ``pool.json`` lists the
+   classes and every excluded stamp with its reason;
+4. write ``OUT/train`` and ``OUT/test`` with ``images/`` and ``masks/`` folders
    (PNG masks: 0 = background, 1..7 = classes), with disjoint objects and
    backgrounds.
 
@@ -26,12 +31,20 @@ LGPL / CC-BY-SA: they are fetched at setup time and never committed.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from lightly_cotap.atomic_write import save_image, write_json
 from lightly_cotap.data.copy_paste_scenes import (
     TUXPAINT_CLASSES,
     CopyPasteScenes,
@@ -99,6 +112,142 @@ def fetch_debian_packages(cache: Path, apt_update: bool, keep_debs: bool) -> Pat
     return root
 
 
+def alpha_cutout(
+    image: Image.Image,
+    *,
+    min_side: int = 32,
+    foreground_range: tuple[float, float] = (0.03, 0.97),
+    alpha_threshold: int = 128,
+) -> Image.Image | None:
+    """The image as RGBA if it is a cut-out with a real alpha channel, else None.
+
+    Accepts photos and clip-art: RGBA / LA / PA images and palette or RGB images
+    with a transparent colour. The opaque fraction must lie strictly inside
+    ``foreground_range`` (no empty or fully opaque "cut-outs") and both sides must
+    be at least ``min_side`` pixels.
+    """
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if not has_alpha or min(image.size) < min_side:
+        return None
+    rgba = image.convert("RGBA")
+    fraction = float((np.asarray(rgba.getchannel("A")) > alpha_threshold).mean())
+    if not foreground_range[0] < fraction < foreground_range[1]:
+        return None
+    return rgba
+
+
+def _name_words(path: Path) -> list[str]:
+    return re.findall("[a-z]+", path.stem.lower())
+
+
+def _description(path: Path) -> str | None:
+    """First line (the English description) of a stamp's ``.txt``, if any."""
+    text = path.with_suffix(".txt")
+    if not text.is_file():
+        return None
+    lines = text.read_text(encoding="utf-8", errors="replace").splitlines()
+    return lines[0].strip().lower() if lines else None
+
+
+def near_duplicate_reason(path: Path, held_out: list[Path]) -> str | None:
+    """Why the stamp ``path`` counts as a variant of a held-out stamp (or None).
+
+    Deliberately broad, because Tux Paint ships variants of one object as separate
+    stamps (``lion.png`` / ``lion-2.png``, ``gnu-baby`` / ``gnu-stand``, cartoon
+    versions, mirrored copies): the same name without digits and separators, the
+    same first word of three or more letters, or the same English description.
+    """
+    words = _name_words(path)
+    description = _description(path)
+    for other in held_out:
+        other_words = _name_words(other)
+        if words and words == other_words:
+            return f"same name as {other.name}"
+        if words and len(words[0]) >= 3 and other_words[:1] == words[:1]:
+            return f"same first word as {other.name}"
+        if description is not None and description == _description(other):
+            return f"same description as {other.name}"
+    return None
+
+
+def stage1_object_pool(
+    stamps_root: str | Path,
+    held_out: Iterable[str],
+    out_root: str | Path,
+    *,
+    min_class_size: int = 8,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Writes the object pool of the dense-quality benchmark's stage 1.
+
+    Every PNG stamp below ``stamps_root`` that :func:`alpha_cutout` accepts, except
+    the ``held_out`` stamps (the evaluation's test cut-outs) and their
+    near-duplicates (:func:`near_duplicate_reason`). The class of a stamp is its
+    two-level folder (``animals/mammals``) when that folder keeps at least
+    ``min_class_size`` stamps, else its top-level folder (``sports``), else
+    ``other``. Files are written as ``out_root/<class>/<relative path with '/' ->
+    '__'>.png`` (RGBA); ``out_root/pool.json`` lists the counts and every stamp left
+    out with its reason. Deterministic: the output depends on the files only.
+
+    Args:
+        stamps_root: The ``stamps`` folder of ``tuxpaint-stamps-default``.
+        held_out: Relative paths (``animals/birds/owl.png``) of the stamps to keep
+            out.
+        out_root: Output folder of class sub-folders.
+        min_class_size: Smallest class.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        Number of cut-outs per class.
+
+    Raises:
+        ValueError: If ``stamps_root`` is not a folder or a held-out stamp is
+            missing.
+    """
+    stamps_root, out_root = Path(stamps_root), Path(out_root)
+    if not stamps_root.is_dir():
+        raise ValueError(f"stamps_root {str(stamps_root)!r} is not a folder.")
+    held = [stamps_root / rel for rel in held_out]
+    missing = [str(p) for p in held if not p.is_file()]
+    if missing:
+        raise ValueError(f"held_out stamps not found: {missing[:3]}.")
+    held_set = set(held)
+    kept: dict[str, Image.Image] = {}
+    excluded: dict[str, str] = {}
+    for path in tqdm(sorted(stamps_root.rglob("*.png")), disable=not progress):
+        rel = path.relative_to(stamps_root).as_posix()
+        reason = (
+            "test cut-out" if path in held_set else near_duplicate_reason(path, held)
+        )
+        if reason is None:
+            with Image.open(path) as image:
+                cutout = alpha_cutout(image)
+            if cutout is None:
+                reason = "no real alpha channel or too small"
+            else:
+                kept[rel] = cutout
+        if reason is not None:
+            excluded[rel] = reason
+
+    def folder(rel: str, depth: int) -> str:
+        return "__".join(rel.split("/")[:-1][:depth])
+
+    fine = Counter(folder(rel, 2) for rel in kept)
+    groups = {
+        rel: folder(rel, 2) for rel in kept if fine[folder(rel, 2)] >= min_class_size
+    }
+    coarse = Counter(folder(rel, 1) for rel in kept if rel not in groups)
+    for rel in kept:
+        if rel not in groups:
+            top = folder(rel, 1)
+            groups[rel] = top if coarse[top] >= min_class_size else "other"
+    for rel, image in kept.items():
+        save_image(image, out_root / groups[rel] / rel.replace("/", "__"))
+    counts = dict(sorted(Counter(groups.values()).items()))
+    write_json(out_root / "pool.json", {"classes": counts, "excluded": excluded})
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -147,6 +296,22 @@ def main() -> None:
             photos = debian_backgrounds(root, backgrounds)
             print(f"backgrounds: {len(photos)} photos")
         classes: list[str] | None = list(TUXPAINT_CLASSES)
+        pool = args.cache / "stage1_objects"
+        if not pool.is_dir():
+            test = CopyPasteScenes(objects, backgrounds, split="test", classes=classes)
+            held_out = [
+                p.name.replace("__", "/")
+                for files in test.objects.values()
+                for p in files
+            ]
+            t0 = time.perf_counter()
+            counts = stage1_object_pool(
+                root / "usr/share/tuxpaint/stamps", held_out, pool
+            )
+            print(
+                f"stage-1 object pool: {sum(counts.values())} cut-outs in "
+                f"{len(counts)} classes -> {pool} in {time.perf_counter() - t0:.1f}s"
+            )
     else:
         objects, backgrounds = args.objects, args.backgrounds
         folders = {p.name for p in objects.iterdir() if p.is_dir()}
