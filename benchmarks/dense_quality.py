@@ -15,7 +15,11 @@ object-centric images, then trains on scene-centric images), at a scale that run
   teacher, multi-crop); ``--stage1 supervised`` (the default) trains on the image's
   object class and stands in for the supervised / ImageNet-scale pretraining that
   cannot be run from scratch on a CPU; every table names which one was used.
-  ``--stage1-checkpoint FILE`` skips the training and starts every seed from FILE;
+  ``--stage1-checkpoint FILE`` skips the training and starts every seed from FILE.
+  ``--stage1-objects DIR`` trains stage 1 on a larger object pool instead of the
+  train-split cut-outs (``stage1_objects`` of ``prepare_copy_paste_scenes.py``: every
+  Tux Paint stamp with an alpha channel except the test cut-outs and their variants,
+  labelled by stamp folder); ``--stage1-only`` stops after stage 1 and the gate;
 - a gate: P's patch features must beat the random initialisation by at least
   ``GATE`` points on the object / background probe and on linear-probe mIoU (mean over
   seeds). Stage 2 only means something above the gate; the report says which side
@@ -291,12 +295,14 @@ def object_centric_scenes(
     num_samples: int,
     image_size: int,
     seed: int,
+    object_split: Split | None = None,
 ) -> CopyPasteScenes:
     """The stage-1 image recipe: one centred, large cut-out on a random background."""
     return CopyPasteScenes(
         objects,
         backgrounds,
         split=split,
+        object_split=object_split,
         num_samples=num_samples,
         image_size=image_size,
         num_objects=(1, 1),
@@ -309,17 +315,23 @@ def object_centric_scenes(
 
 
 def object_centric_images(
-    objects: Path, backgrounds: Path, cfg: Config, seed: int, size: int
+    paths: Paths, cfg: Config, seed: int, size: int
 ) -> tuple[list[Any], list[int]]:
-    """Stage-1 images of the train-split cut-outs (:func:`object_centric_scenes`).
+    """Stage-1 images (:func:`object_centric_scenes`) on train-split backgrounds.
+
+    The cut-outs are the train split of ``paths.objects`` or, when set, every
+    cut-out of ``paths.stage1_objects`` (a pool without the test objects, with its
+    own classes).
 
     Returns:
         The PIL images and their object classes (0-based).
     """
+    pool = paths.stage1_objects
     images = object_centric_scenes(
-        objects,
-        backgrounds,
+        paths.objects if pool is None else pool,
+        paths.backgrounds,
         split="train",
+        object_split=None if pool is None else "all",
         num_samples=cfg.stage1_images,
         image_size=size,
         seed=seed + 3000,
@@ -753,8 +765,11 @@ PCA_METHODS = ("a_dino", "b_cotap")
 
 @dataclass
 class Paths:
+    """Input folders: evaluation cut-outs, background photos, stage-1 object pool."""
+
     objects: Path
     backgrounds: Path
+    stage1_objects: Path | None = None
 
 
 def stage1_task(
@@ -780,13 +795,11 @@ def stage1_task(
     else:
         if cfg.stage1 == "supervised":
             images, labels = object_centric_images(
-                paths.objects, paths.backgrounds, cfg, seed, cfg.stage1_image_size
+                paths, cfg, seed, cfg.stage1_image_size
             )
             model = train_supervised(model, images, labels, cfg, seed)
         else:
-            images, _ = object_centric_images(
-                paths.objects, paths.backgrounds, cfg, seed, cfg.scene_size
-            )
+            images, _ = object_centric_images(paths, cfg, seed, cfg.scene_size)
             model = train_dino(
                 model, SceneImages(images), cfg, cfg.lr, seed, cfg.stage1_steps
             )
@@ -1148,7 +1161,26 @@ def main() -> None:
         help="Start every seed from this P (e.g. OUT/stage1/seed0.pth) instead of "
         "training stage 1.",
     )
+    parser.add_argument(
+        "--stage1-objects",
+        type=Path,
+        default=None,
+        help="Train stage 1 on every cut-out of this pool (class folders without "
+        "the test objects, e.g. CACHE/stage1_objects from "
+        "prepare_copy_paste_scenes.py) instead of the train split of --objects.",
+    )
     parser.add_argument("--stage1-steps", type=int, default=None)
+    parser.add_argument(
+        "--stage1-images",
+        type=int,
+        default=None,
+        help="Object-centric images rendered for stage 1.",
+    )
+    parser.add_argument(
+        "--stage1-only",
+        action="store_true",
+        help="Stop after stage 1 and the gate (no stage-2 runs).",
+    )
     parser.add_argument("--steps", type=int, default=None, help="Stage-2 steps.")
     parser.add_argument(
         "--methods",
@@ -1171,12 +1203,15 @@ def main() -> None:
                 f"--{name} {getattr(args, name)} is not a folder; run "
                 "benchmarks/prepare_copy_paste_scenes.py first."
             )
+    if args.stage1_objects is not None and not args.stage1_objects.is_dir():
+        parser.error(f"--stage1-objects {args.stage1_objects} is not a folder.")
     if args.stage1_checkpoint is not None and not args.stage1_checkpoint.is_file():
         parser.error(f"--stage1-checkpoint {args.stage1_checkpoint} is not a file.")
     cfg = copy.deepcopy(PRESETS["quick" if args.quick else args.preset])
     for field, value in (
         ("stage1", args.stage1),
         ("stage1_steps", args.stage1_steps),
+        ("stage1_images", args.stage1_images),
         ("steps", args.steps),
     ):
         if value is not None:
@@ -1185,14 +1220,16 @@ def main() -> None:
         parser.error("--preset gpu needs a CUDA device.")
     jobs = args.jobs or (1 if cfg.device == "cuda" else 2)
     seeds = args.seeds[:1] if args.quick else args.seeds
-    paths = Paths(args.objects, args.backgrounds)
+    methods = [] if args.stage1_only else args.methods
+    paths = Paths(args.objects, args.backgrounds, args.stage1_objects)
     p_label = STAGE1_LABELS[
         "checkpoint" if args.stage1_checkpoint is not None else cfg.stage1
     ]
+    if args.stage1_checkpoint is None and args.stage1_objects is not None:
+        p_label = p_label.replace("object class", "stamp class of the object pool")
+        p_label = p_label.replace("object-centric images", "object pool")
     start = time.perf_counter()
-    results = run(
-        paths, cfg, seeds, args.methods, jobs, args.stage1_checkpoint, args.out
-    )
+    results = run(paths, cfg, seeds, methods, jobs, args.stage1_checkpoint, args.out)
     seconds = time.perf_counter() - start
     verdict = gate(results)
     device = (
@@ -1209,8 +1246,8 @@ def main() -> None:
         for part in (
             header,
             gate_text(verdict),
-            table(results, args.methods, p_label),
-            paired_differences(results, args.methods),
+            table(results, methods, p_label),
+            paired_differences(results, methods),
             diagnostics(results),
         )
         if part
@@ -1220,7 +1257,7 @@ def main() -> None:
     if figure is not None:
         print(f"PCA figure: {figure}")
     write_text(args.out / "table.md", text + "\n")
-    rows = ["R", "P", *args.methods]
+    rows = ["R", "P", *methods]
     # Plain json.dumps: a NaN metric must not cost the run its results file.
     write_text(
         args.out / "results.json",
@@ -1231,6 +1268,9 @@ def main() -> None:
                 "stage1_checkpoint": None
                 if args.stage1_checkpoint is None
                 else str(args.stage1_checkpoint),
+                "stage1_objects": None
+                if args.stage1_objects is None
+                else str(args.stage1_objects),
                 "seeds": seeds,
                 "gate": verdict,
                 "rows": per_seed_scores(results, rows),

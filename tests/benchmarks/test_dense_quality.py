@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dense_quality.py"
 
@@ -116,3 +118,105 @@ def test_quick_run_writes_every_row_and_diagnostic(
     assert second["stage1_checkpoint"] == str(p_file)
     assert second["rows"]["P"] == report["rows"]["P"]
     assert not (again / "stage1").exists()
+
+
+def _object_pool(objects: Path, root: Path) -> Path:
+    """Two classes (not the evaluation's three) of the fixture's cut-outs."""
+    files = sorted(objects.rglob("*.png"))
+    for i, path in enumerate(files):
+        target = root / f"group{i % 2}" / f"{path.parent.name}_{path.name}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return root
+
+
+def test_stage1_images_come_from_the_object_pool(
+    copy_paste_inputs: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import dense_quality as dq
+
+    objects, backgrounds = copy_paste_inputs
+    pool = _object_pool(objects, tmp_path / "pool")
+    cfg = dq.Config(stage1_images=40)
+    images, labels = dq.object_centric_images(
+        dq.Paths(objects, backgrounds, pool), cfg, seed=0, size=32
+    )
+    assert len(images) == 40 and images[0].size == (32, 32)
+    assert set(labels) == {0, 1}  # the pool's classes
+    scenes = dq.object_centric_scenes(
+        pool,
+        backgrounds,
+        split="train",
+        object_split="all",
+        num_samples=40,
+        image_size=32,
+        seed=3000,
+    )
+    # Every pool cut-out is used, on the train-split backgrounds only.
+    assert sum(len(v) for v in scenes.objects.values()) == 9
+    train = dq.object_centric_scenes(
+        objects, backgrounds, split="train", num_samples=1, image_size=32, seed=0
+    )
+    assert scenes.backgrounds == train.backgrounds
+    _, eval_labels = dq.object_centric_images(
+        dq.Paths(objects, backgrounds), cfg, seed=0, size=32
+    )
+    assert set(eval_labels) == {0, 1, 2}
+
+
+@pytest.mark.slow
+def test_quick_stage1_only_run_on_an_object_pool(
+    copy_paste_inputs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    objects, backgrounds = copy_paste_inputs
+    pool = _object_pool(objects, tmp_path / "pool")
+    common = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--jobs",
+        "1",
+        "--objects",
+        str(objects),
+        "--backgrounds",
+        str(backgrounds),
+        "--stage1-only",
+        "--stage1-images",
+        "32",
+    ]
+    reports = {}
+    for name, extra in (("pool", ["--stage1-objects", str(pool)]), ("split", [])):
+        out = tmp_path / name
+        subprocess.run(
+            [*common, *extra, "--out", str(out)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        reports[name] = json.loads((out / "results.json").read_text())
+        assert set(reports[name]["rows"]) == {"R", "P"}
+        assert (out / "stage1" / "seed0.pth").is_file()
+        assert not (out / "models").exists() and not (out / "pca.png").exists()
+        assert "Gate (P minus random" in (out / "table.md").read_text()
+    report = reports["pool"]
+    assert report["stage1_objects"] == str(pool)
+    assert reports["split"]["stage1_objects"] is None
+    assert report["config"]["stage1_images"] == 32
+    assert report["stage1"].startswith("P (stage 1: supervised stamp class of the")
+    # Same evaluation, different stage-1 data.
+    assert report["rows"]["R"] == reports["split"]["rows"]["R"]
+    pool_p = torch.load(tmp_path / "pool/stage1/seed0.pth", weights_only=True)
+    split_p = torch.load(tmp_path / "split/stage1/seed0.pth", weights_only=True)
+    assert any(
+        not torch.equal(pool_p["state_dict"][k], split_p["state_dict"][k])
+        for k in pool_p["state_dict"]
+    )
+    missing = subprocess.run(
+        [*common, "--stage1-objects", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "--stage1-objects" in missing.stderr
