@@ -1235,9 +1235,14 @@ def main() -> None:
     device = (
         torch.cuda.get_device_name() if cfg.device == "cuda" else f"{jobs} processes"
     )
+    stage1 = (
+        f"{cfg.stage1} {cfg.stage1_steps} steps"
+        if args.stage1_checkpoint is None
+        else f"loaded from {args.stage1_checkpoint}"
+    )
     header = (
         f"Dense quality on copy-paste scenes, {len(seeds)} seed(s), stage 1 "
-        f"{cfg.stage1} {cfg.stage1_steps} steps, stage 2 {cfg.steps} steps, "
+        f"{stage1}, stage 2 {cfg.steps} steps, "
         f"{cfg.arch} depth {cfg.depth} patch {cfg.patch_size}, {cfg.global_crop}px "
         f"crops, {seconds / 60:.1f} min ({device})"
     )

@@ -117,6 +117,7 @@ def test_quick_run_writes_every_row_and_diagnostic(
     second = json.loads((again / "results.json").read_text())
     assert second["stage1_checkpoint"] == str(p_file)
     assert second["rows"]["P"] == report["rows"]["P"]
+    assert f"stage 1 loaded from {p_file}," in (again / "table.md").read_text()
     assert not (again / "stage1").exists()
 
 
