@@ -305,9 +305,13 @@ def main() -> None:
                 for p in files
             ]
             t0 = time.perf_counter()
+            # Built aside and renamed, so an interrupted build is not skipped later.
+            partial = pool.with_name(pool.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
             counts = stage1_object_pool(
-                root / "usr/share/tuxpaint/stamps", held_out, pool
+                root / "usr/share/tuxpaint/stamps", held_out, partial
             )
+            partial.rename(pool)
             print(
                 f"stage-1 object pool: {sum(counts.values())} cut-outs in "
                 f"{len(counts)} classes -> {pool} in {time.perf_counter() - t0:.1f}s"

@@ -502,6 +502,7 @@ class CopyPasteScenes(Dataset[tuple[Any, Tensor]]):
         meta = {
             "class_names": self.class_names,
             "split": self.split,
+            "object_split": self.object_split,
             "num_samples": self.num_samples,
             "image_size": self.image_size,
             "seed": self.seed,

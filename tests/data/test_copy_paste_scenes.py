@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,8 @@ def test_save_and_reload(inputs: tuple[Path, Path], tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "masks").iterdir()) == [
         f"0000{i}.png" for i in range(4)
     ]
-    assert (out / "classes.json").is_file()
+    meta = json.loads((out / "classes.json").read_text())
+    assert meta["split"] == meta["object_split"] == "test"
     folder = SegmentationFolder(
         out / "images", out / "masks", image_size=None, mean=[0, 0, 0], std=[1, 1, 1]
     )
