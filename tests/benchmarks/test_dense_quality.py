@@ -13,6 +13,17 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "dense_quality.py"
 
 
+def _quick_command(inputs: tuple[Path, Path]) -> list[str]:
+    """The benchmark's smoke run on the fixture's cut-outs and backgrounds."""
+    objects, backgrounds = inputs
+    return [sys.executable, str(SCRIPT), "--quick", "--jobs", "1"] + [
+        "--objects",
+        str(objects),
+        "--backgrounds",
+        str(backgrounds),
+    ]
+
+
 @pytest.mark.slow
 def test_quick_run_writes_every_row_and_diagnostic(
     copy_paste_inputs: tuple[Path, Path], tmp_path: Path
@@ -20,17 +31,7 @@ def test_quick_run_writes_every_row_and_diagnostic(
     objects, backgrounds = copy_paste_inputs
     out = tmp_path / "report"
     methods = ["a_dino", "b_cotap", "c_cotap_no_rank", "e_cotap_no_filter"]
-    common = [
-        sys.executable,
-        str(SCRIPT),
-        "--quick",
-        "--jobs",
-        "1",
-        "--objects",
-        str(objects),
-        "--backgrounds",
-        str(backgrounds),
-    ]
+    common = _quick_command(copy_paste_inputs)
     subprocess.run(
         [*common, "--methods", *methods, "--out", str(out)],
         check=True,
@@ -172,22 +173,9 @@ def test_stage1_images_come_from_the_object_pool(
 def test_quick_stage1_only_run_on_an_object_pool(
     copy_paste_inputs: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    objects, backgrounds = copy_paste_inputs
-    pool = _object_pool(objects, tmp_path / "pool")
-    common = [
-        sys.executable,
-        str(SCRIPT),
-        "--quick",
-        "--jobs",
-        "1",
-        "--objects",
-        str(objects),
-        "--backgrounds",
-        str(backgrounds),
-        "--stage1-only",
-        "--stage1-images",
-        "32",
-    ]
+    pool = _object_pool(copy_paste_inputs[0], tmp_path / "pool")
+    common = [*_quick_command(copy_paste_inputs), "--stage1-only"]
+    common += ["--stage1-images", "32"]
     reports = {}
     for name, extra in (("pool", ["--stage1-objects", str(pool)]), ("split", [])):
         out = tmp_path / name
