@@ -39,6 +39,7 @@ COMPONENTS = {
         "DSALoss",
         "CoSSLLoss",
         "MultiPatchVICRegLoss",
+        "ClassAwareNTXentLoss",
     ),
     "lightly_cotap.models.modules": (
         "CoTAPPatchProjectionHead",
@@ -48,7 +49,9 @@ COMPONENTS = {
         "ObjectAwareFilter",
         "DSARegulator",
         "BagOfPatchesAggregator",
+        "PrototypeBank",
     ),
+    "lightly_cotap.models": ("cap_receptive_field",),
     "lightly_cotap.transforms": ("CoTAPTransform", "BagSSLTransform"),
 }
 ROOT = Path(__file__).resolve().parents[1]
