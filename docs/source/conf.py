@@ -26,8 +26,7 @@ extensions = [
     "sphinx.ext.napoleon",
 ]
 
-# Lightly's napoleon settings: Google docstrings only, ``__init__`` documented by
-# the class docstring's "Initializes ..." text through ``autoclass_content``.
+# Lightly's napoleon settings: Google docstrings only.
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_include_init_with_doc = False
@@ -40,11 +39,13 @@ napoleon_use_ivar = False
 napoleon_use_param = False
 napoleon_use_rtype = False
 
+# The ``__init__`` docstring ("Initializes ..." with its ``Args:``) is shown after
+# the class docstring.
 autoclass_content = "both"
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True}
-# Inherited torch.nn.Module members are not part of this API.
+# An override without a docstring shows none, not torch's (e.g. Module.forward).
 autodoc_inherit_docstrings = False
 
 exclude_patterns = ["_build"]
