@@ -517,7 +517,7 @@ def _neighbor_cache_key(files: Sequence[Path], s: Mapping[str, Any]) -> str:
 
 def _given_neighbor_index(path: Path, num_images: int) -> Any:
     """A ``--neighbors`` file made elsewhere (no cache key), used as given."""
-    from lightly_cotap.data.semantic_pairs import NeighborIndex
+    from lightly_cotap.data.neighbors import NeighborIndex
 
     if not path.is_file() or NeighborIndex.stored_cache_key(path) is not None:
         return None
@@ -706,11 +706,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
     """
     import pytorch_lightning as pl
 
-    from lightly_cotap.data.semantic_pairs import (
-        NeighborIndex,
-        SemanticPairDataset,
-        default_embedding_transform,
-    )
+    from lightly_cotap.data.embedding import default_embedding_transform
+    from lightly_cotap.data.neighbors import NeighborIndex
+    from lightly_cotap.data.semantic_pairs import SemanticPairDataset
     from lightly_cotap.export import export_backbone
     from lightly_cotap.transforms import CoTAPTransform
 

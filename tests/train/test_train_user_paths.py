@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from lightly_cotap.cli import main
-from lightly_cotap.data.semantic_pairs import NeighborIndex
+from lightly_cotap.data.neighbors import NeighborIndex
 from lightly_cotap.export import export_backbone
 from lightly_cotap.models import CoTAPVisionTransformer
 
