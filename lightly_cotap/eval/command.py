@@ -37,13 +37,17 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lightly_cotap.atomic_write import write_json
+from lightly_cotap.cli import HelpFormatter
+from lightly_cotap.data.segmentation_folder import SegmentationFolder
+from lightly_cotap.eval.dense import evaluate_dense
+from lightly_cotap.eval.features import model_feature_fn
+from lightly_cotap.eval.mask_labels import class_names_file, decide_classes, scan_masks
+from lightly_cotap.eval.progress import Progress
+from lightly_cotap.export import build_model_from_args
 from lightly_cotap.user_errors import UsageError, add_debug_argument, run_command
 
 #: Evaluations that ``--skip`` accepts (keys of the report).
 EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
-
-#: User errors of the ``eval`` command (the package's one user-error type).
-EvalCommandError = UsageError
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -189,8 +193,6 @@ def _check_folder(path: str, option: str) -> Path:
 def _segmentation_folder(
     images: str, masks: str, image_size: int, image_option: str, mask_option: str
 ) -> Any:
-    from lightly_cotap.data.segmentation_folder import SegmentationFolder
-
     _check_folder(images, image_option)
     _check_folder(masks, mask_option)
     try:
@@ -220,8 +222,6 @@ def _split(
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from lightly_cotap.export import build_model_from_args
-
     model = build_model_from_args(args, img_size=args.image_size)
     if args.image_size % model.patch_size != 0:
         raise UsageError(
@@ -300,14 +300,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         UsageError: If a folder, a mask, the checkpoint or an option is invalid
             (checked before any feature is computed).
     """
-    from lightly_cotap.eval.dense import evaluate_dense
-    from lightly_cotap.eval.mask_labels import (
-        class_names_file,
-        decide_classes,
-        scan_masks,
-    )
-    from lightly_cotap.eval.progress import Progress
-
     for option, value, minimum in (
         ("--image-size", args.image_size, 1),
         ("--batch-size", args.batch_size, 1),
@@ -378,7 +370,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress: Progress = "lines" if args.no_progress else True
     skip = set(args.skip)
     report = evaluate_dense(
-        lambda x: model(x).dense,
+        model_feature_fn(model),
         train_set,
         val_set,
         num_classes,
@@ -454,8 +446,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit code: 0 on success, 2 on a user error (message on stderr).
     """
-    from lightly_cotap.cli import HelpFormatter
-
     parser = add_eval_arguments(
         argparse.ArgumentParser(
             prog="lightly-cotap eval",

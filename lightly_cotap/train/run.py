@@ -562,10 +562,13 @@ def _visualization_images(size: int, count: int = 4) -> Tensor:
 
 @torch.no_grad()
 def _dense_features(backbone: torch.nn.Module, images: Tensor) -> Tensor:
+    """Channel-last dense features (B, h, w, D) of the images, in eval mode."""
+    from lightly_cotap.eval.features import model_feature_fn
+
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    dense: Tensor = backbone(images.to(device)).dense.float().cpu()
+    dense = model_feature_fn(backbone)(images.to(device)).float().cpu()
     backbone.train(was_training)
     return dense
 
