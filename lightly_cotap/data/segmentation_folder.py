@@ -24,27 +24,6 @@ from lightly_cotap.data.image_io import IMAGE_EXTENSIONS, read_rgb_image, to_rgb
 MASK_MODES = ("L", "P", "I", "I;16")
 
 
-def read_mask_values(path: str | Path) -> set[int]:
-    """The values (class ids) in a mask file.
-
-    Args:
-        path: A single-channel mask image.
-
-    Returns:
-        The distinct pixel values.
-
-    Raises:
-        ValueError: If the mask is not single-channel.
-    """
-    with Image.open(path) as mask:
-        if mask.mode not in MASK_MODES:
-            raise ValueError(
-                f"mask {str(path)!r} is a {mask.mode} image; masks must be "
-                "single-channel images of class ids (or palette PNGs)."
-            )
-        return {int(v) for v in np.unique(np.asarray(mask))}
-
-
 def imagenet_mean_std() -> tuple[list[float], list[float]]:
     """ImageNet normalisation constants (Lightly's ``IMAGENET_NORMALIZE``).
 
