@@ -14,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
 
 from lightly_cotap.data.image_io import IMAGE_EXTENSIONS, read_rgb_image, to_rgb
 
@@ -30,8 +32,6 @@ def imagenet_mean_std() -> tuple[list[float], list[float]]:
     Returns:
         ``(mean, std)`` per RGB channel.
     """
-    from lightly.transforms.utils import IMAGENET_NORMALIZE  # heavy import, lazy
-
     return list(IMAGENET_NORMALIZE["mean"]), list(IMAGENET_NORMALIZE["std"])
 
 
@@ -41,7 +41,7 @@ def image_to_tensor(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Tensor:
-    """Converts a PIL image to a normalised float RGB tensor.
+    """Converts a PIL image to a normalised float RGB tensor (torchvision's functions).
 
     Args:
         image: Image of any mode (converted with
@@ -54,9 +54,7 @@ def image_to_tensor(
     """
     if mean is None or std is None:
         mean, std = imagenet_mean_std()
-    arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    return TF.normalize(TF.to_tensor(to_rgb(image)), mean=list(mean), std=list(std))
 
 
 def _size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
