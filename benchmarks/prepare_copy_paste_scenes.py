@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from lightly_cotap.data.copy_paste_scenes import (
+from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
+from lightly_cotap.data.copy_paste_sources import (
     TUXPAINT_CLASSES,
-    CopyPasteScenes,
     debian_backgrounds,
     tuxpaint_class_folders,
 )

@@ -1,7 +1,7 @@
 """lightly_cotap.data package."""
 
-from lightly_cotap.data.copy_paste_scenes import (
-    CopyPasteScenes,
+from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
+from lightly_cotap.data.copy_paste_sources import (
     debian_backgrounds,
     tuxpaint_class_folders,
 )

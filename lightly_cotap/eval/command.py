@@ -25,13 +25,11 @@ atomically (an earlier ``report.json`` is only replaced by a complete new one).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
@@ -43,11 +41,9 @@ from lightly_cotap.eval.dense import evaluate_dense
 from lightly_cotap.eval.features import model_feature_fn
 from lightly_cotap.eval.mask_labels import class_names_file, decide_classes, scan_masks
 from lightly_cotap.eval.progress import Progress
+from lightly_cotap.eval.report import EVALUATIONS, format_report, jsonable
 from lightly_cotap.export import build_model_from_args
 from lightly_cotap.user_errors import UsageError, add_debug_argument, run_command
-
-#: Evaluations that ``--skip`` accepts (keys of the report).
-EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -232,60 +228,6 @@ def _load_model(args: argparse.Namespace) -> Any:
     return model.to(args.device).eval()
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """Formats the metrics of an evaluation report as a Markdown table.
-
-    Args:
-        report: The dict returned by :func:`run_eval`.
-
-    Returns:
-        A table with one row per evaluation (mIoU and pixel accuracy in percent), then
-        the per-class IoU of every evaluation.
-    """
-    names = [n for n in EVALUATIONS if n in report]
-    lines = [
-        "| evaluation | mIoU (%) | pixel acc. (%) | seconds |",
-        "|---|---:|---:|---:|",
-    ]
-    for name in names:
-        r = report[name]
-        lines.append(
-            f"| {name} | {100 * r['miou']:.2f} | {100 * r['pixel_accuracy']:.2f} | "
-            f"{r.get('seconds', float('nan')):.1f} |"
-        )
-    class_names = report.get("settings", {}).get("class_names")
-    if names:
-        num = len(report[names[0]]["iou_per_class"])
-        labels = class_names or [str(c) for c in range(num)]
-        lines += ["", "| class | " + " | ".join(names) + " |"]
-        lines.append("|---|" + "---:|" * len(names))
-        for c in range(num):
-            cells = []
-            for name in names:
-                v = report[name]["iou_per_class"][c]
-                cells.append(
-                    "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
-                )
-            lines.append(f"| {labels[c]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     """Runs ``lightly-cotap eval`` with parsed arguments.
 
@@ -413,7 +355,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "out_dim": model.out_dim,
         "patch_size": model.patch_size,
     }
-    report = dict(_jsonable(report))
+    report = dict(jsonable(report))
     write_json(out / "report.json", report)
     print(format_report(report))
     print(f"Wrote {out / 'report.json'}", file=sys.stderr)

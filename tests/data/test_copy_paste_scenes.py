@@ -12,8 +12,8 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
-from lightly_cotap.data.copy_paste_scenes import (
-    CopyPasteScenes,
+from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
+from lightly_cotap.data.copy_paste_sources import (
     debian_backgrounds,
     is_photo_cutout,
     tuxpaint_class_folders,
