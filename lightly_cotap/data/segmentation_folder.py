@@ -54,7 +54,9 @@ def image_to_tensor(
     """
     if mean is None or std is None:
         mean, std = imagenet_mean_std()
-    return TF.normalize(TF.to_tensor(to_rgb(image)), mean=list(mean), std=list(std))
+    tensor = TF.to_tensor(to_rgb(image))
+    normalized: Tensor = TF.normalize(tensor, mean=list(mean), std=list(std))
+    return normalized
 
 
 def _size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -50,7 +50,15 @@ class MaskScan:
         return set(self.pixel_counts)
 
     def where(self, values: Sequence[int]) -> tuple[str, str]:
-        """The option and a short list of files holding some of ``values``."""
+        """The option and a short list of files holding some of ``values``.
+
+        Args:
+            values: Label values.
+
+        Returns:
+            ``(option, files)``: the option that named the first holder's folder and
+            up to three holders, comma-separated (with a count of the others).
+        """
         found = [f for v in values for f in self.files.get(v, [])]
         option = found[0][0] if found else "--masks"
         names = sorted({str(path) for _, path in found})

@@ -79,7 +79,7 @@ def test_image_to_tensor_is_the_normalisation_formula(mode: str) -> None:
     x = image_to_tensor(image, mean=mean, std=std)
     # Reference: float32 RGB (image_io.to_rgb) in [0, 1], then (x - mean) / std per
     # channel; the same float32 operations, bit for bit.
-    expected = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
-    expected = (expected - np.float32(mean)) / np.float32(std)
+    scaled = np.asarray(to_rgb(image), dtype=np.float32) / np.float32(255.0)
+    expected = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     assert x.dtype == torch.float32 and x.shape == (3, 20, 30)
     assert torch.equal(x, torch.from_numpy(expected).permute(2, 0, 1))
