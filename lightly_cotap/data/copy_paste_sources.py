@@ -1,4 +1,4 @@
-"""The input folders of :class:`~lightly_cotap.data.CopyPasteScenes` from Debian packages.
+"""Input folders of :class:`~lightly_cotap.data.CopyPasteScenes` from Debian packages.
 
 :func:`tuxpaint_class_folders` and :func:`debian_backgrounds` build the two input
 folders from Debian's ``tuxpaint-stamps-default`` photo stamps and the photographic

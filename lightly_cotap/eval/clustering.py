@@ -4,7 +4,8 @@ Protocol of Leopart's ``PredsmIoUKmeans`` [0] and NeCo's overclustering evaluati
 on the validation features only:
 
 1. standardise each feature dimension (zero mean, unit std, eps 1e-5);
-2. PCA to ``pca_dim`` (50) dimensions (:func:`~lightly_cotap.eval.pca.principal_components`);
+2. PCA to ``pca_dim`` (50) dimensions
+   (:func:`~lightly_cotap.eval.pca.principal_components`);
 3. Euclidean k-means (scikit-learn ``KMeans``, k-means++ init, ``n_init`` restarts,
    ``max_iter`` Lloyd iterations) with K = number of classes, or K > C for
    overclustering;

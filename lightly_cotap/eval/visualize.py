@@ -60,8 +60,8 @@ def pca_rgb(
 
     The PCA (:func:`~lightly_cotap.eval.pca.principal_components`) is fitted jointly
     on all B * h * w patch vectors; the sign of every component is fixed (largest
-    absolute loading positive) so the colours are deterministic. Each component is clipped to its ``[quantile, 1 - quantile]``
-    range and scaled to [0, 255].
+    absolute loading positive) so the colours are deterministic. Each component is
+    clipped to its ``[quantile, 1 - quantile]`` range and scaled to [0, 255].
 
     Args:
         features: Dense features, channel-last. Shape: (B, h, w, D).
