@@ -80,7 +80,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Path]:
     """Runs CoTAP training as configured by the parsed arguments.
 
     Args:
-        args: Parsed arguments of :func:`~lightly_cotap.train.settings.add_train_arguments`.
+        args: Parsed arguments of
+            :func:`~lightly_cotap.train.settings.add_train_arguments`.
 
     Returns:
         Paths of the outputs: ``checkpoint``, ``backbone``, ``metrics`` and (unless
