@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from lightly_cotap.models.utils import CheckpointFileError, CheckpointMismatchError
+
 _NO_VALUE = object()
 
 
@@ -115,8 +117,6 @@ def checkpoint_error(
     Returns:
         The error to raise.
     """
-    from lightly_cotap.models.utils import CheckpointFileError, CheckpointMismatchError
-
     if isinstance(error, FileNotFoundError):
         return UsageError(option, path, "no such file")
     if isinstance(error, CheckpointFileError):

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightly_cotap.data import NeighborIndex, SampleImageDataset, SemanticPairDataset
-from lightly_cotap.data.semantic_pairs import default_embedding_transform
+from lightly_cotap.data.embedding import default_embedding_transform
 from lightly_cotap.loss import CoTAPObjective, CoTAPViewOutputs, PrototypeEntropyLoss
 from lightly_cotap.models import CoTAPVisionTransformer
 from lightly_cotap.models.modules.heads import (

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from lightly_cotap.eval.clustering import kmeans_segmentation
 from lightly_cotap.eval.dense import evaluate_dense
-from lightly_cotap.eval.features import DenseFeatures, extract_dense_features
+from lightly_cotap.eval.features import (
+    DenseFeatures,
+    extract_dense_features,
+    model_feature_fn,
+)
 from lightly_cotap.eval.linear_probe import (
     LinearSegmentationProbe,
     linear_probe_miou,
@@ -38,6 +42,7 @@ __all__ = [
     "linear_probe_miou",
     "matched_metrics",
     "metrics_from_confusion",
+    "model_feature_fn",
     "pca_rgb",
     "retrieval_segmentation",
     "save_dense_visualizations",
