@@ -405,7 +405,10 @@ class CoTAPModule(pl.LightningModule):
         ):
             self.initialize_prototypes()
         x, pos, bank_features = self.forward_pair(views, views_pos)
-        total, terms = self.objective(x=x, pos=pos, update_queues=update_state)
+        components = self.objective.forward_components(
+            x=x, pos=pos, update_queues=update_state
+        )
+        total, terms = components.total, components.terms()
         if bank is not None and bank_features is not None and update_state:
             bank.update(bank_features)
         weight = float(self.hparams["prototype_entropy_weight"])
