@@ -252,11 +252,13 @@ class CoTAPModule(pl.LightningModule):
             **compile_kwargs: Arguments of ``torch.compile`` (e.g. ``mode``,
                 ``backend``).
         """
-        modules: list[nn.Module] = [self.student, self.teacher]
-        if objective:
-            modules.append(self.objective)
-        for module in modules:
+        for module in (self.student, self.teacher):
             module.compile(**compile_kwargs)
+        if objective:
+            # A step calls forward_components (the terms are logged), not forward.
+            self.objective.forward_components = torch.compile(  # type: ignore[method-assign]
+                self.objective.forward_components, **compile_kwargs
+            )
 
     def schedule_steps(self) -> int:
         """Number of steps of the schedules (momentum, learning rate, weight decay)."""
