@@ -7,7 +7,6 @@ from lightly_cotap.eval.dense import evaluate_dense
 from lightly_cotap.eval.features import (
     DenseFeatures,
     extract_dense_features,
-    model_feature_fn,
 )
 from lightly_cotap.eval.linear_probe import (
     LinearSegmentationProbe,
@@ -22,6 +21,7 @@ from lightly_cotap.eval.metrics import (
     metrics_from_confusion,
     segmentation_metrics,
 )
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.eval.retrieval import retrieval_segmentation
 from lightly_cotap.eval.visualize import (
     pca_rgb,
@@ -34,6 +34,7 @@ __all__ = [
     "DenseFeatures",
     "LinearSegmentationProbe",
     "confusion_matrix",
+    "dense_feature_fn",
     "evaluate_dense",
     "extract_dense_features",
     "greedy_match",
@@ -42,7 +43,6 @@ __all__ = [
     "linear_probe_miou",
     "matched_metrics",
     "metrics_from_confusion",
-    "model_feature_fn",
     "pca_rgb",
     "retrieval_segmentation",
     "save_dense_visualizations",

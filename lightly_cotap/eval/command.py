@@ -38,8 +38,8 @@ from lightly_cotap.atomic_write import write_json
 from lightly_cotap.cli import HelpFormatter
 from lightly_cotap.data.segmentation_folder import SegmentationFolder
 from lightly_cotap.eval.dense import evaluate_dense
-from lightly_cotap.eval.features import model_feature_fn
 from lightly_cotap.eval.mask_labels import class_names_file, decide_classes, scan_masks
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.eval.progress import Progress
 from lightly_cotap.eval.report import EVALUATIONS, format_report, jsonable
 from lightly_cotap.export import build_model_from_args
@@ -312,7 +312,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress: Progress = "lines" if args.no_progress else True
     skip = set(args.skip)
     report = evaluate_dense(
-        model_feature_fn(model),
+        dense_feature_fn(model),
         train_set,
         val_set,
         num_classes,

@@ -59,7 +59,7 @@ def evaluate_dense(
     Args:
         feature_fn: Frozen backbone, images (B, 3, H, W) -> channel-last dense
             features (B, h, w, D); for this plugin's model
-            :func:`~lightly_cotap.eval.features.model_feature_fn`.
+            :func:`~lightly_cotap.eval.model_features.dense_feature_fn`.
         train_set: Labelled ``(image, mask)`` pairs for the probe and the retrieval
             memory.
         val_set: ``(image, mask)`` pairs that are scored (k-means uses only these).

@@ -7,7 +7,7 @@ cached patch features, so a small CPU evaluation runs the backbone once.
 
 The backbone is any callable ``feature_fn(images) -> dense features`` returning
 channel-last features ``(B, h, w, D)``, the layout of Lightly's dense losses; for this
-plugin's model :func:`model_feature_fn` gives it.
+plugin's model :func:`~lightly_cotap.eval.model_features.dense_feature_fn` gives it.
 """
 
 from __future__ import annotations
@@ -74,29 +74,6 @@ def resize_masks(masks: Tensor, size: int | tuple[int, int]) -> Tensor:
     # "nearest-exact" samples pixel centres, so label maps stay aligned with images.
     resized = F.interpolate(masks[:, None].float(), size=size, mode="nearest-exact")
     return resized[:, 0].round().long()
-
-
-def model_feature_fn(model: nn.Module) -> FeatureFn:
-    """Feature function of a :class:`~lightly_cotap.models.CoTAPVisionTransformer`.
-
-    This is where model features enter the evaluation: every caller that evaluates
-    the plugin's model goes through it.
-
-    Args:
-        model: A model whose output has a ``dense`` tensor.
-
-    Returns:
-        A callable mapping images (B, 3, H, W) to the model's dense features,
-        channel-last (B, h, w, D).
-    """
-
-    def dense_features(images: Tensor) -> Tensor:
-        dense: Tensor = model(images).dense
-        # LAYOUT-MERGE: the model returns channel-first (B, D, h, w) on this branch;
-        # remove this permute once its dense output is channel-last (B, h, w, D).
-        return dense.permute(0, 2, 3, 1)
-
-    return dense_features
 
 
 def _module_of(feature_fn: FeatureFn, module: nn.Module | None) -> nn.Module | None:

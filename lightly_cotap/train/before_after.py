@@ -11,7 +11,7 @@ from torchvision.transforms import functional as TF
 
 from lightly_cotap.data import load_sample_images
 from lightly_cotap.data.segmentation_folder import image_to_tensor
-from lightly_cotap.eval.features import model_feature_fn
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.eval.visualize import pca_rgb, save_image_grid, to_uint8_images
 
 
@@ -48,7 +48,7 @@ def dense_features(backbone: torch.nn.Module, images: Tensor) -> Tensor:
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    dense = model_feature_fn(backbone)(images.to(device)).float().cpu()
+    dense = dense_feature_fn(backbone)(images.to(device)).float().cpu()
     backbone.train(was_training)
     return dense
 
