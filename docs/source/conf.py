@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 # Document the source tree this file belongs to, also without an installed copy.
 sys.path.insert(0, os.path.abspath("../.."))
@@ -53,3 +54,17 @@ templates_path: list[str] = []
 html_theme = "alabaster"
 html_static_path = ["_static"]
 html_theme_options = {"description": "Dense self-supervised learning for Lightly"}
+
+
+def _skip_named_tuple_fields(
+    app: Any, what: str, name: str, obj: Any, skip: bool, options: Any
+) -> bool | None:
+    # A NamedTuple's fields are documented by its ``Attributes:`` section; autodoc
+    # would document them a second time from their "Alias for field number N".
+    if (getattr(obj, "__doc__", None) or "").startswith("Alias for field number"):
+        return True
+    return None
+
+
+def setup(app: Any) -> None:
+    app.connect("autodoc-skip-member", _skip_named_tuple_fields)
