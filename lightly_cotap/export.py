@@ -38,8 +38,9 @@ from typing import Any
 import torch
 
 from lightly_cotap.atomic_write import save_torch
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
+from lightly_cotap.models.checkpoints import extract_backbone_state_dict
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer, vit_name_problem
-from lightly_cotap.models.utils import load_checkpoint_file
 from lightly_cotap.user_errors import (
     UsageError,
     add_debug_argument,
@@ -171,8 +172,6 @@ def build_model_from_checkpoint(
     Raises:
         ValueError: If the architecture is unknown or the weights do not fit.
     """
-    from lightly_cotap.models.utils import extract_backbone_state_dict
-
     checkpoint = load_checkpoint_file(checkpoint_path, weights_only=weights_only)
     meta = checkpoint.get("meta")
     if isinstance(meta, Mapping):

@@ -104,8 +104,8 @@ def checkpoint_error(
         option: The argument that named the file (e.g. ``"--init"``).
         path: The file.
         error: What loading raised: ``FileNotFoundError``,
-            :class:`~lightly_cotap.models.utils.CheckpointFileError`,
-            :class:`~lightly_cotap.models.utils.CheckpointMismatchError` (weights of
+            :class:`~lightly_cotap.models.checkpoint_files.CheckpointFileError`,
+            :class:`~lightly_cotap.models.checkpoints.CheckpointMismatchError` (weights of
             another architecture) or another ``ValueError`` of the key mapping.
         unsafe_fix: How this command loads a trusted file that holds pickled objects
             (e.g. ``"pass --unsafe-load"``).
@@ -115,7 +115,8 @@ def checkpoint_error(
     Returns:
         The error to raise.
     """
-    from lightly_cotap.models.utils import CheckpointFileError, CheckpointMismatchError
+    from lightly_cotap.models.checkpoint_files import CheckpointFileError
+    from lightly_cotap.models.checkpoints import CheckpointMismatchError
 
     if isinstance(error, FileNotFoundError):
         return UsageError(option, path, "no such file")

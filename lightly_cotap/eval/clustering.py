@@ -21,7 +21,7 @@ bilinear interpolation are affine, this assignment is **exactly** the nearest ce
 of the upsampled feature, as in [0]; only the fitting set differs.
 
 The Euclidean k-means is scikit-learn's (imported lazily); the project's spherical
-k-means in :mod:`lightly_cotap.models.utils` serves the training losses.
+k-means in :mod:`lightly_cotap.models.kmeans` serves the training losses.
 
 - [0]: Ziegler and Asano, Self-Supervised Learning of Object Parts for Semantic
   Segmentation (Leopart), 2022, https://arxiv.org/abs/2204.13101

@@ -16,17 +16,17 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightly_cotap.mmseg.checkpoint import mmseg_backbone_cfg, mmseg_in_channels
-from lightly_cotap.models.cotap_vit import (
-    TIMM_ARGUMENTS,
-    CoTAPVisionTransformer,
-    timm_value,
-)
-from lightly_cotap.models.utils import (
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
+from lightly_cotap.models.checkpoints import (
     CheckpointLoadReport,
     architecture_from_state_dict,
     extract_backbone_state_dict,
     load_backbone_state_dict,
-    load_checkpoint_file,
+)
+from lightly_cotap.models.cotap_vit import (
+    TIMM_ARGUMENTS,
+    CoTAPVisionTransformer,
+    timm_value,
 )
 
 #: ``arch`` value that takes the architecture from the ``init_cfg`` checkpoint.

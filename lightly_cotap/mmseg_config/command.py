@@ -98,7 +98,10 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         MMSegConfigError: If the file is missing or holds neither.
     """
     from lightly_cotap.export import build_model_from_checkpoint
-    from lightly_cotap.models.utils import CheckpointFileError, load_checkpoint_file
+    from lightly_cotap.models.checkpoint_files import (
+        CheckpointFileError,
+        load_checkpoint_file,
+    )
     from lightly_cotap.user_errors import checkpoint_error
 
     if not Path(path).is_file():

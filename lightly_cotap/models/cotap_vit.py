@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
+from lightly_cotap.models.checkpoints import (
+    CheckpointLoadReport,
+    load_backbone_state_dict,
+)
+from lightly_cotap.models.foreground import foreground_mask_from_attention
+from lightly_cotap.models.kmeans import spherical_kmeans
 from lightly_cotap.models.modules.conv_stem import ConvStem, add_conv_stem
 from lightly_cotap.models.modules.object_aware_filter import ObjectAwareFilter
-from lightly_cotap.models.utils import (
-    CheckpointLoadReport,
-    foreground_mask_from_attention,
-    load_backbone_state_dict,
-    load_checkpoint_file,
-    spherical_kmeans,
-)
 
 #: Version of the ``meta`` dict written by :meth:`CoTAPVisionTransformer.get_meta`.
 META_FORMAT_VERSION = 1
@@ -417,7 +417,7 @@ class CoTAPVisionTransformer(nn.Module):
 
         Supports timm state dicts, DINO/iBOT backbone and training checkpoints,
         official CoTAP checkpoints, lightly-cotap exports and Lightning ``.ckpt``
-        files (see :func:`lightly_cotap.models.utils.load_backbone_state_dict` for
+        files (see :func:`lightly_cotap.models.checkpoints.load_backbone_state_dict` for
         the rules). A checkpoint without filter weights (e.g. DINO) leaves the filter
         freshly initialised; initialise the prototypes with
         :meth:`init_prototypes_from_bank`.
@@ -430,7 +430,7 @@ class CoTAPVisionTransformer(nn.Module):
             weights_only: Use ``torch.load(weights_only=True)`` for files.
 
         Returns:
-            A :class:`~lightly_cotap.models.utils.CheckpointLoadReport`.
+            A :class:`~lightly_cotap.models.checkpoints.CheckpointLoadReport`.
 
         Raises:
             ValueError: On shape mismatches or (strict) missing / unexpected keys.

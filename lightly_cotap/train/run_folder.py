@@ -144,7 +144,7 @@ def resume_point(
             )
     else:
         checkpoint = Path(args.resume)
-    from lightly_cotap.models.utils import load_checkpoint_file
+    from lightly_cotap.models.checkpoint_files import load_checkpoint_file
 
     try:
         loaded = load_checkpoint_file(checkpoint)

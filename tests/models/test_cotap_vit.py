@@ -10,12 +10,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightly_cotap.models import CoTAPVisionTransformer, CoTAPViTOutput
+from lightly_cotap.models.foreground import foreground_mask_from_attention
 from lightly_cotap.models.modules import (
     CoTAPClsProjectionHead,
     CoTAPPatchProjectionHead,
     PrototypeBank,
 )
-from lightly_cotap.models.utils import foreground_mask_from_attention
 
 
 def _tiny(**kwargs: object) -> CoTAPVisionTransformer:
