@@ -23,11 +23,8 @@ from lightly_cotap.models.checkpoints import (
     extract_backbone_state_dict,
     load_backbone_state_dict,
 )
-from lightly_cotap.models.cotap_vit import (
-    TIMM_ARGUMENTS,
-    CoTAPVisionTransformer,
-    timm_value,
-)
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.models.cotap_vit_meta import TIMM_ARGUMENTS, timm_value
 
 #: ``arch`` value that takes the architecture from the ``init_cfg`` checkpoint.
 AUTO_ARCH = "auto"

@@ -7,11 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightly_cotap.atomic_write import save_torch
-from lightly_cotap.models.cotap_vit import (
-    GENERIC_ARCH,
-    CoTAPVisionTransformer,
-    timm_overrides,
-)
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.models.cotap_vit_meta import GENERIC_ARCH, timm_overrides
 
 #: Where a :class:`~lightly_cotap.mmseg.backbone.CoTAPViT` keeps the plugin model
 #: inside an mmseg segmentor (``EncoderDecoder.backbone.model``).

@@ -78,7 +78,7 @@ def render_config(
     Returns:
         Python source of an mmengine config.
     """
-    from lightly_cotap.models.cotap_vit import GENERIC_ARCH, timm_overrides
+    from lightly_cotap.models.cotap_vit_meta import GENERIC_ARCH, timm_overrides
 
     width = int(meta["embed_dim"])
     last = 2 * width if meta["use_filter"] else width

@@ -36,6 +36,7 @@ def _reg_vit(**kwargs: object) -> VisionTransformer:
         no_embed_class=True,
         init_values=1e-5,
         num_classes=10,
+        dynamic_img_size=True,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -155,9 +156,14 @@ class TestWiring:
         torch.testing.assert_close(a, b)
 
     def test_instance_is_prepared(self) -> None:
-        # A fixed-size ViT with a classifier: dynamic size enabled, head removed.
+        # A ViT with a classifier: head removed.
         vit = VisionTransformer(
-            img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2
+            img_size=32,
+            patch_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            dynamic_img_size=True,
         )
         model = CoTAPVisionTransformer(vit, use_filter=False)
         assert isinstance(model.vit.head, nn.Identity)
@@ -277,3 +283,12 @@ class TestErrors:
             CoTAPVisionTransformer(_reg_vit(), depth=3)
         with pytest.raises(ValueError, match="pretrained"):
             CoTAPVisionTransformer("vit_tiny_patch16_224", pretrained=True)
+
+    def test_fixed_size_vit_is_refused_and_left_unchanged(self) -> None:
+        vit = VisionTransformer(
+            img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2
+        )
+        with pytest.raises(ValueError, match="dynamic_img_size=True"):
+            CoTAPVisionTransformer(vit)
+        assert not vit.dynamic_img_size and vit.patch_embed.strict_img_size
+        assert vit.patch_embed.flatten
