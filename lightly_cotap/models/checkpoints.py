@@ -68,7 +68,11 @@ class CheckpointLoadReport:
     )
 
     def resample_note(self) -> str | None:
-        """One line naming the from / to grids of the resampled keys, or None."""
+        """One line naming the from / to grids of the resampled keys.
+
+        Returns:
+            The line, or None if nothing was resampled.
+        """
         if not self.resampled_grids:
             return None
         parts = [
@@ -79,7 +83,12 @@ class CheckpointLoadReport:
         return "; ".join(parts) + " (bicubic, timm's resample_abs_pos_embed)"
 
     def summary(self) -> str:
-        """Returns a human-readable multi-line summary."""
+        """A human-readable summary of the report.
+
+        Returns:
+            Several lines: prefix, counts, missing / unexpected / resampled keys and
+            the ignored keys grouped by reason.
+        """
         lines = [
             f"prefix: {self.prefix!r}",
             f"loaded: {len(self.loaded_keys)} keys",
