@@ -4,10 +4,10 @@ Maps timm, DINO/iBOT, official CoTAP, Lightning and lightly-cotap checkpoints on
 :class:`~lightly_cotap.models.cotap_vit.CoTAPVisionTransformer`, reporting every
 unused or missing key. Position embeddings are resampled with timm's
 ``resample_abs_pos_embed``. The key mapping stays hand-written: timm's
-``checkpoint_filter_fn`` and ``clean_state_dict`` convert one known layout into one
-timm ViT and drop keys silently, while this mapper must choose the backbone among
-student / teacher copies and arbitrary prefixes, map the filter keys and account for
-every key.
+``checkpoint_filter_fn`` converts one known layout into one timm ViT and drops keys
+without saying so, and ``clean_state_dict`` strips only the DDP / ``torch.compile``
+prefixes, while this mapper must choose the backbone among student / teacher copies
+under any prefix, map the filter keys and account for every key.
 
 Over 400 lines: the mapping, its report and its error belong together.
 """
