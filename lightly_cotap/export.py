@@ -18,8 +18,8 @@ Command line (``python -m lightly_cotap.export``)::
 
 converts any supported checkpoint (lightly-cotap / Lightning / official CoTAP /
 DINO / iBOT / timm); the output is written atomically and a bad argument is one line
-on stderr with exit code 2 (``--debug`` shows the traceback). ``--arch`` and the filter options are only needed when the input
-is not already a lightly-cotap export. ``--format mmseg`` writes the same weights
+on stderr with exit code 2 (``--debug`` shows the traceback). ``--arch`` and the
+filter options are only needed when the input is not already a lightly-cotap export. ``--format mmseg`` writes the same weights
 with the keys of the mmseg backbone (``backbone.model.*``, see
 :mod:`lightly_cotap.mmseg`). More output formats can be registered in
 :data:`EXPORT_FORMATS`.

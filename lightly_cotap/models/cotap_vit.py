@@ -92,10 +92,10 @@ class CoTAPVisionTransformer(nn.Module):
     """Vision transformer of CoTAP [0] over any timm ``VisionTransformer``.
 
     Runs the timm ViT through its public ``forward_features`` (patch embedding with
-    dynamic image size, position embedding, register tokens, blocks) and, with ``use_filter=True``, the
-    :class:`~lightly_cotap.models.modules.ObjectAwareFilter` on the outputs of the last
-    block, which doubles the feature width to 2D. Without the filter it returns the
-    plain ViT features of width D.
+    dynamic image size, position embedding, register tokens, blocks) and, with
+    ``use_filter=True``, the :class:`~lightly_cotap.models.modules.ObjectAwareFilter`
+    on the outputs of the last block, which doubles the feature width to 2D. Without
+    the filter it returns the plain ViT features of width D.
 
     Final norm: CoTAP's ViT ('depth' variant of the official code) has no final
     LayerNorm; the filter's output norms take its place. With the filter, timm's
@@ -398,9 +398,9 @@ class CoTAPVisionTransformer(nn.Module):
 
         Supports timm state dicts, DINO/iBOT backbone and training checkpoints,
         official CoTAP checkpoints, lightly-cotap exports and Lightning ``.ckpt``
-        files (see :func:`lightly_cotap.models.checkpoints.load_backbone_state_dict` for
-        the rules). A checkpoint without filter weights (e.g. DINO) leaves the filter
-        freshly initialised; initialise the prototypes with
+        files (see :func:`lightly_cotap.models.checkpoints.load_backbone_state_dict`
+        for the rules). A checkpoint without filter weights (e.g. DINO) leaves the
+        filter freshly initialised; initialise the prototypes with
         :meth:`init_prototypes_from_bank`.
 
         Args:
@@ -450,8 +450,8 @@ class CoTAPVisionTransformer(nn.Module):
         """Builds an (untrained) model from a :meth:`get_meta` dict.
 
         Uses ``timm.create_model(meta["arch"], ...)`` with the stored structure
-        (:func:`~lightly_cotap.models.cotap_vit_meta.timm_overrides`) when the architecture name is known, else a timm
-        ``VisionTransformer``.
+        (:func:`~lightly_cotap.models.cotap_vit_meta.timm_overrides`) when the
+        architecture name is known, else a timm ``VisionTransformer``.
 
         Args:
             meta: The architecture description.
