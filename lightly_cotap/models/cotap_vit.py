@@ -198,6 +198,10 @@ class CoTAPVisionTransformer(nn.Module):
         _prepare_vit(vit)
         self.vit = vit
         self.arch = arch
+        # Set by a forward pre-hook of the last block (registered once: a hook added
+        # per call would break torch.compile graphs).
+        self._last_block_input: Tensor | None = None
+        self.vit.blocks[-1].register_forward_pre_hook(self._keep_last_block_input)
         self.use_filter = use_filter
         self.filter: ObjectAwareFilter | None = None
         if use_filter:
@@ -294,16 +298,11 @@ class CoTAPVisionTransformer(nn.Module):
             self._require_filter()
         h, w = images.shape[2] // self.patch_size, images.shape[3] // self.patch_size
         npt = self.num_prefix_tokens
+        x = self.vit.forward_features(images)  # final norm: Identity with filter
         # The input of the last block gives the foreground mask and the bank samples.
-        last_block_input: list[Tensor] = []
-        handle = self.vit.blocks[-1].register_forward_pre_hook(
-            lambda _, args: last_block_input.append(args[0])
-        )
-        try:
-            x = self.vit.forward_features(images)  # final norm: Identity with filter
-        finally:
-            handle.remove()
-        before_last = last_block_input[0]
+        before_last = self._last_block_input
+        self._last_block_input = None
+        assert before_last is not None
 
         bank_features = None
         if return_bank_features:
@@ -525,6 +524,9 @@ class CoTAPVisionTransformer(nn.Module):
         return model.eval()
 
     # -- helpers -------------------------------------------------------------------
+
+    def _keep_last_block_input(self, block: nn.Module, args: tuple[Tensor]) -> None:
+        self._last_block_input = args[0]
 
     def _require_filter(self) -> ObjectAwareFilter:
         if self.filter is None:

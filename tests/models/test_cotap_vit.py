@@ -145,6 +145,26 @@ class TestWiring:
             out.fg_mask, foreground_mask_from_attention(expected, grid_size=(5, 5))
         )
 
+    def test_deep_copy_reads_its_own_last_block(self) -> None:
+        # An EMA teacher is a deep copy: its mask and bank samples must come from
+        # its own blocks, not from the student it was copied from.
+        student = CoTAPVisionTransformer(_reg_vit(), prototype_size=3).eval()
+        teacher = copy.deepcopy(student)
+        with torch.no_grad():
+            for p in teacher.vit.blocks[0].parameters():
+                p.add_(0.5)
+        x = torch.randn(2, 3, 32, 32)
+        out = teacher(x, return_fg_mask=True, return_bank_features=True)
+        features = teacher.vit.forward_intermediates(
+            x, indices=[0], norm=False, output_fmt="NCHW", intermediates_only=True
+        )[0]
+        expected = F.adaptive_avg_pool2d(features, (3, 3)).flatten(1)
+        assert out.bank_features is not None
+        torch.testing.assert_close(out.bank_features, expected)
+        student_out = student(x, return_bank_features=True)
+        assert student_out.bank_features is not None
+        assert not torch.allclose(student_out.bank_features, expected)
+
     def test_gradient_checkpointing_gives_same_output(self) -> None:
         model = _tiny(depth=3).train()
         x = torch.randn(1, 3, 32, 32)
