@@ -21,8 +21,8 @@ upsampling the affine scores ``2 z.c_k - |c_k|^2``. Because standardisation, PCA
 bilinear interpolation are affine, this assignment is **exactly** the nearest centroid
 of the upsampled feature, as in [0]; only the fitting set differs.
 
-The Euclidean k-means is scikit-learn's; the project's spherical k-means serves the
-training losses.
+The Euclidean k-means is scikit-learn's; the project's spherical k-means in
+:mod:`lightly_cotap.models.kmeans` serves the training losses.
 
 - [0]: Ziegler and Asano, Self-Supervised Learning of Object Parts for Semantic
   Segmentation (Leopart), 2022, https://arxiv.org/abs/2204.13101

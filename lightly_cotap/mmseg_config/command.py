@@ -15,7 +15,10 @@ import torch
 from lightly_cotap.export import build_model_from_checkpoint
 from lightly_cotap.mmseg_config.data import IGNORE_INDEX, MMSegConfigError, scan_data
 from lightly_cotap.mmseg_config.render import HEADS, level_indices, render_config
-from lightly_cotap.models.utils import CheckpointFileError, load_checkpoint_file
+from lightly_cotap.models.checkpoint_files import (
+    CheckpointFileError,
+    load_checkpoint_file,
+)
 from lightly_cotap.user_errors import checkpoint_error
 
 #: Iterations of ``--iters`` when not given (the shipped schedules).

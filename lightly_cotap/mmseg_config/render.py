@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightly_cotap.mmseg_config.data import DataSummary, MMSegConfigError
-from lightly_cotap.models.cotap_vit import GENERIC_ARCH, timm_overrides
+from lightly_cotap.models.cotap_vit_meta import GENERIC_ARCH, timm_overrides
 
 #: Heads of ``--head`` -> the model base of ``mmseg_configs/_base_/models`` and
 #: the schedule base of ``mmseg_configs/_base_/schedules``.

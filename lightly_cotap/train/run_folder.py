@@ -19,7 +19,7 @@ from typing import Any
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lightly_cotap.atomic_write import atomic_path
-from lightly_cotap.models.utils import load_checkpoint_file
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
 from lightly_cotap.user_errors import UsageError, checkpoint_error
 
 #: ``--resume`` without a path: the output folder's own checkpoint.

@@ -10,12 +10,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightly_cotap.models import CoTAPVisionTransformer, CoTAPViTOutput
+from lightly_cotap.models.foreground import foreground_mask_from_attention
 from lightly_cotap.models.modules import (
     CoTAPClsProjectionHead,
     CoTAPPatchProjectionHead,
     PrototypeBank,
 )
-from lightly_cotap.models.utils import foreground_mask_from_attention
 
 
 def _tiny(**kwargs: object) -> CoTAPVisionTransformer:
@@ -36,6 +36,7 @@ def _reg_vit(**kwargs: object) -> VisionTransformer:
         no_embed_class=True,
         init_values=1e-5,
         num_classes=10,
+        dynamic_img_size=True,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -144,6 +145,26 @@ class TestWiring:
             out.fg_mask, foreground_mask_from_attention(expected, grid_size=(5, 5))
         )
 
+    def test_deep_copy_reads_its_own_last_block(self) -> None:
+        # An EMA teacher is a deep copy: its mask and bank samples must come from
+        # its own blocks, not from the student it was copied from.
+        student = CoTAPVisionTransformer(_reg_vit(), prototype_size=3).eval()
+        teacher = copy.deepcopy(student)
+        with torch.no_grad():
+            for p in teacher.vit.blocks[0].parameters():
+                p.add_(0.5)
+        x = torch.randn(2, 3, 32, 32)
+        out = teacher(x, return_fg_mask=True, return_bank_features=True)
+        features = teacher.vit.forward_intermediates(
+            x, indices=[0], norm=False, output_fmt="NCHW", intermediates_only=True
+        )[0]
+        expected = F.adaptive_avg_pool2d(features, (3, 3)).flatten(1)
+        assert out.bank_features is not None
+        torch.testing.assert_close(out.bank_features, expected)
+        student_out = student(x, return_bank_features=True)
+        assert student_out.bank_features is not None
+        assert not torch.allclose(student_out.bank_features, expected)
+
     def test_gradient_checkpointing_gives_same_output(self) -> None:
         model = _tiny(depth=3).train()
         x = torch.randn(1, 3, 32, 32)
@@ -155,9 +176,14 @@ class TestWiring:
         torch.testing.assert_close(a, b)
 
     def test_instance_is_prepared(self) -> None:
-        # A fixed-size ViT with a classifier: dynamic size enabled, head removed.
+        # A ViT with a classifier: head removed.
         vit = VisionTransformer(
-            img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2
+            img_size=32,
+            patch_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            dynamic_img_size=True,
         )
         model = CoTAPVisionTransformer(vit, use_filter=False)
         assert isinstance(model.vit.head, nn.Identity)
@@ -277,3 +303,12 @@ class TestErrors:
             CoTAPVisionTransformer(_reg_vit(), depth=3)
         with pytest.raises(ValueError, match="pretrained"):
             CoTAPVisionTransformer("vit_tiny_patch16_224", pretrained=True)
+
+    def test_fixed_size_vit_is_refused_and_left_unchanged(self) -> None:
+        vit = VisionTransformer(
+            img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2
+        )
+        with pytest.raises(ValueError, match="dynamic_img_size=True"):
+            CoTAPVisionTransformer(vit)
+        assert not vit.dynamic_img_size and vit.patch_embed.strict_img_size
+        assert vit.patch_embed.flatten
