@@ -220,3 +220,18 @@ def test_checks_find_what_they_forbid(tmp_path: Path) -> None:
     assert any(v.endswith("imports pytorch_lightning") for v in violations)
     _, violations = _closure("lightly_cotap.cli")
     assert any(v.split(" imports ")[1].startswith(RECIPE_MODULES) for v in violations)
+
+
+@pytest.mark.parametrize(("package", "name"), COMPONENT_NAMES, ids=lambda v: v)
+def test_every_module_a_component_needs_is_mapped_in_upstream_md(
+    package: str, name: str
+) -> None:
+    upstream = (ROOT / "docs" / "upstream.md").read_text()
+    modules, _ = _closure(_defining_module(package, name))
+    files = [
+        str(_module_file(m).relative_to(ROOT))
+        for m in modules
+        if not _module_file(m).name == "__init__.py"
+    ]
+    unmapped = [f for f in files if f"`{f}`" not in upstream]
+    assert not unmapped, f"{name} needs files docs/upstream.md does not map: {unmapped}"
