@@ -111,7 +111,7 @@ from tqdm import tqdm
 from lightly_cotap.atomic_write import save_torch, write_text
 from lightly_cotap.data import CopyPasteScenes, NeighborIndex, SemanticPairDataset
 from lightly_cotap.data.copy_paste_scenes import Split
-from lightly_cotap.eval import evaluate_dense
+from lightly_cotap.eval import dense_feature_fn, evaluate_dense
 from lightly_cotap.eval.visualize import pca_rgb, save_image_grid, to_uint8_images
 from lightly_cotap.export import export_state_dict
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
@@ -466,7 +466,7 @@ def train_supervised(
         flip = torch.rand(len(batch), generator=generator) < 0.5
         flip = flip.to(cfg.device)[:, None, None, None]
         batch = torch.where(flip, batch.flip(3), batch)  # no boolean indexing (sync)
-        logits = head(model((batch - mean) / std).dense.mean((2, 3)))
+        logits = head(model((batch - mean) / std).dense.mean((1, 2)))
         loss = F.cross_entropy(logits, y[index].to(cfg.device), label_smoothing=0.1)
         opt.zero_grad()
         loss.backward()
@@ -503,7 +503,7 @@ def train_densecl(
     opt = optimizer(list(student.parameters()), lr)
 
     def embed(net: nn.ModuleDict, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dense = net["backbone"](x).dense.flatten(2).transpose(1, 2)  # (B, hw, C)
+        dense = net["backbone"](x).dense.flatten(1, 2)  # (B, hw, C)
         return dense, net["global"](dense.mean(1)), net["local"](dense)
 
     for step, (views, _) in enumerate(loop(loader, steps)):
@@ -728,7 +728,7 @@ def evaluate(
         progress=False,
     )
     result = evaluate_dense(
-        lambda x: model(x).dense,
+        dense_feature_fn(model),
         data.probe,
         data.test,
         data.num_classes,
@@ -739,7 +739,7 @@ def evaluate(
     scores = {name: float(result[name]["miou"]) for name in METRICS[:3]}
     # Class-agnostic diagnostic: does a linear probe find the objects at all?
     objectness = evaluate_dense(
-        lambda x: model(x).dense,
+        dense_feature_fn(model),
         object_masks(data.probe),
         object_masks(data.test),
         2,
@@ -1108,7 +1108,7 @@ def pca_figure(
         state = torch.load(file, map_location="cpu", weights_only=True)
         model = CoTAPVisionTransformer.from_checkpoint(state).eval()
         size = (images.shape[-2], images.shape[-1])
-        columns.append(pca_rgb(model(images).dense, size=size))
+        columns.append(pca_rgb(dense_feature_fn(model)(images), size=size))
     titles = ["input", p_label.split(" (")[0], LABELS["a_dino"], LABELS["b_cotap"]]
     rows = [[column[i] for column in columns] for i in range(len(images))]
     path = out / "pca.png"

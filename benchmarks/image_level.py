@@ -409,7 +409,9 @@ def run_byol(setup: Setup, co_ssl: bool) -> tuple[nn.Module, float]:
             loss: Tensor = 0.5 * (byol(preds[0], zs[1]) + byol(preds[1], zs[0]))
             return loss
         local_preds = [
-            local_prediction(local_projection(F.adaptive_avg_pool2d(f, 2)))
+            local_prediction(
+                local_projection(F.adaptive_avg_pool2d(f, 2).permute(0, 2, 3, 1))
+            )
             for f in maps
         ]
         loss = cossl(

@@ -129,7 +129,7 @@ from lightly_cotap.loss import (
     STEGOCorrelationLoss,
     TopKInfoNCELoss,
 )
-from lightly_cotap.loss.cotap_loss import pair_similarities
+from lightly_cotap.loss.cotap_cells import pair_similarities
 
 CACHE = Path.home() / ".cache/lightly_cotap/debian"
 TEACHER_DIM = 16
@@ -315,17 +315,18 @@ def teacher_features(labels: Tensor, num_classes: int, noise: str, seed: int) ->
     """Synthetic teacher features of every patch (module docstring).
 
     Returns:
-        Unit vectors. Shape: (N, TEACHER_DIM, h, w).
+        Unit vectors, channel-last. Shape: (N, h, w, TEACHER_DIM).
     """
     alpha = NOISE_LEVELS[noise]
     gen = torch.Generator().manual_seed(seed * 1000 + list(NOISE_LEVELS).index(noise))
-    blend = torch.rand(labels.shape, generator=gen)[:, None] * alpha
+    blend = torch.rand(labels.shape, generator=gen)[..., None] * alpha
     shift = torch.randint(1, num_classes, labels.shape, generator=gen)
-    own = F.one_hot(labels, TEACHER_DIM).permute(0, 3, 1, 2).float()
-    confusing = F.one_hot((labels + shift) % num_classes, TEACHER_DIM)
-    confusing = confusing.permute(0, 3, 1, 2).float()
-    eps = torch.randn(own.shape, generator=gen)
-    return F.normalize((1 - blend) * own + blend * confusing + JITTER * eps, dim=1)
+    own = F.one_hot(labels, TEACHER_DIM).float()
+    confusing = F.one_hot((labels + shift) % num_classes, TEACHER_DIM).float()
+    # Drawn in the (N, D, h, w) order of the noise so the numbers stay those of the
+    # recorded runs.
+    eps = torch.randn(own.permute(0, 3, 1, 2).shape, generator=gen).permute(0, 2, 3, 1)
+    return F.normalize((1 - blend) * own + blend * confusing + JITTER * eps, dim=-1)
 
 
 @dataclass
@@ -406,14 +407,14 @@ def pair_lists(
     ``b + 1`` (any other image gives the same statistics: all classes differ).
 
     Args:
-        features: Patch features of the training scenes. Shape: (N, K, h, w).
+        features: Patch features of the training scenes. Shape: (N, h, w, K).
         steps: Steps whose lists to build.
 
     Returns:
         ``(cosine, same_class, factor)``, each of shape (len(steps), n).
     """
     labels = data.patch_labels.flatten(1)
-    flat = features.flatten(2).transpose(1, 2)  # (N, hw, K)
+    flat = features.flatten(1, 2)  # (N, hw, K)
     cosines, same, factors = [], [], []
     for i in steps:
         x, pos, fg_x, fg_pos = batches.step(i)
@@ -467,7 +468,7 @@ def teacher_stats(
 
 
 class Student(nn.Module):
-    """Small conv net: (B, 3, 96, 96) pixels -> (B, 16, 12, 12) patch features."""
+    """Small conv net: (B, 3, 96, 96) pixels -> (B, 12, 12, 16) patch features."""
 
     def __init__(self, dim: int = TEACHER_DIM) -> None:
         super().__init__()
@@ -483,7 +484,7 @@ class Student(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.net(x)
-        return out
+        return out.permute(0, 2, 3, 1)  # channel-last (B, h, w, D)
 
 
 def make_criterion(name: str, stats: TeacherStats, list_size: int) -> nn.Module:
@@ -591,7 +592,11 @@ def evaluate(
     """Linear-probe and k-means mIoU of the student's normalised patch features."""
     probe, test = (
         DenseFeatures(
-            F.normalize(student_features(student, d.features), dim=1), d.masks
+            # LAYOUT BRIDGE, removed when eval takes channel-last features.
+            F.normalize(student_features(student, d.features), dim=-1).permute(
+                0, 3, 1, 2
+            ),
+            d.masks,
         )
         for d in (data.probe, data.test)
     )

@@ -49,7 +49,7 @@ def object_images(
 
 @torch.no_grad()
 def mean_patch_features(model: CoTAPVisionTransformer, images: Tensor) -> np.ndarray:
-    features = [model(batch).dense.mean((2, 3)) for batch in images.split(100)]
+    features = [model(batch).dense.mean((1, 2)) for batch in images.split(100)]
     return torch.cat(features).numpy()
 
 

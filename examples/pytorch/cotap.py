@@ -61,14 +61,14 @@ class CoTAP(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         out = self.student_backbone(x, return_bank_features=self.training)
-        patch = self.student_patch_head.forward_dense(out.dense)
+        patch = self.student_patch_head(out.dense)
         cls = self.student_cls_head(out.cls)
         return patch, cls, out.bank_features
 
     @torch.no_grad()
     def forward_teacher(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.teacher_backbone(x, return_fg_mask=True)
-        patch = self.teacher_patch_head.forward_dense(out.dense)
+        patch = self.teacher_patch_head(out.dense)
         cls = self.teacher_cls_head(out.cls)
         assert out.fg_mask is not None
         return patch, cls, out.fg_mask

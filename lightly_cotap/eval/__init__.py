@@ -18,6 +18,7 @@ from lightly_cotap.eval.metrics import (
     metrics_from_confusion,
     segmentation_metrics,
 )
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.eval.retrieval import retrieval_segmentation
 from lightly_cotap.eval.visualize import (
     pca_rgb,
@@ -30,6 +31,7 @@ __all__ = [
     "DenseFeatures",
     "LinearSegmentationProbe",
     "confusion_matrix",
+    "dense_feature_fn",
     "evaluate_dense",
     "extract_dense_features",
     "greedy_match",

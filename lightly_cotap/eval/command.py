@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lightly_cotap.atomic_write import write_json
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.user_errors import UsageError, add_debug_argument, run_command
 
 #: Evaluations that ``--skip`` accepts (keys of the report).
@@ -378,7 +379,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress: Progress = "lines" if args.no_progress else True
     skip = set(args.skip)
     report = evaluate_dense(
-        lambda x: model(x).dense,
+        dense_feature_fn(model),
         train_set,
         val_set,
         num_classes,

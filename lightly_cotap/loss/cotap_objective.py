@@ -25,17 +25,17 @@ class CoTAPViewOutputs:
 
     Attributes:
         student_patch_global: Student patch-head scores of the global crops.
-            Shape: (B, G, K_patch, h, w).
+            Shape: (B, G, h, w, K_patch).
         student_cls: Student CLS-head scores of all crops. Shape: (B, V, K_cls).
         teacher_patch: Teacher patch-head scores of the global crops.
-            Shape: (B, G, K_patch, h, w).
+            Shape: (B, G, h, w, K_patch).
         teacher_cls: Teacher CLS-head scores of the global crops.
             Shape: (B, G, K_cls).
         fg_mask: Teacher foreground mask of the global crops (bool or float).
             Shape: (B, G, h, w).
         crop_boxes: Boxes of all crops in original-image pixels. Shape: (B, V, 4).
         student_patch_local: Student patch-head scores of the local crops, or None.
-            Shape: (B, L, K_patch, h_l, w_l).
+            Shape: (B, L, h_l, w_l, K_patch).
         flipped: Horizontal-flip flags of the crops, or None. Shape: (B, V).
     """
 
@@ -266,14 +266,14 @@ class CoTAPObjective(nn.Module):
                 fg_mask_pos=pos.fg_mask,
             )
         if self.weights["patch_cluster"] > 0:
-            teacher = both.teacher_patch  # (2B, G, K, h, w)
-            k, h, w = teacher.shape[2:]
-            scores = teacher.permute(0, 1, 3, 4, 2).reshape(-1, k)
+            teacher = both.teacher_patch  # (2B, G, h, w, K)
+            h, w, k = teacher.shape[2:]
+            scores = teacher.reshape(-1, k)
             fg = both.fg_mask.float() > 0.5
             codes = self.patch_codes(
                 scores, enqueue_mask=fg.reshape(-1), update=update_queues
             )
-            codes = codes.reshape(b2, g, h, w, k).permute(0, 1, 4, 2, 3)
+            codes = codes.reshape(b2, g, h, w, k)
             terms["patch_cluster"] = self.patch_cluster_loss(
                 teacher_codes=codes,
                 student_global=both.student_patch_global,
@@ -330,7 +330,7 @@ def _check_sides(x: CoTAPViewOutputs, pos: CoTAPViewOutputs) -> None:
             )
     if x.teacher_patch.dim() != 5:
         raise ValueError(
-            "teacher_patch must have shape (B, G, K, h, w), got "
+            "teacher_patch must have shape (B, G, h, w, K), got "
             f"{tuple(x.teacher_patch.shape)}."
         )
     g = x.teacher_patch.shape[1]

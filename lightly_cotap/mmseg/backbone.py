@@ -416,7 +416,7 @@ class CoTAPViT(BaseModule):  # type: ignore[misc]
                 )
             )
         try:
-            dense = self.model(x).dense
+            dense = self.model(x).dense.permute(0, 3, 1, 2)  # mmseg: (B, D, h, w)
         finally:
             for handle in handles:
                 handle.remove()

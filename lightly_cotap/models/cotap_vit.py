@@ -50,7 +50,7 @@ class CoTAPViTOutput:
 
     Attributes:
         cls: CLS feature. Shape: (B, out_dim).
-        dense: Dense patch features. Shape: (B, out_dim, H / p, W / p).
+        dense: Channel-last dense patch features. Shape: (B, H / p, W / p, out_dim).
         fg_mask: Foreground mask from the last block's CLS attention, if requested.
             Shape: (B, H / p, W / p), dtype bool.
         cls_attention: Head-averaged last-block attention of the CLS token to the
@@ -132,7 +132,7 @@ class CoTAPVisionTransformer(nn.Module):
         >>> model.load_pretrained("dino_deitsmall16_pretrain.pth")  # local file
         >>> out = model(images, return_fg_mask=True)
         >>> out.cls.shape, out.dense.shape, out.fg_mask.shape
-        (torch.Size([B, 768]), torch.Size([B, 768, 14, 14]), torch.Size([B, 14, 14]))
+        (torch.Size([B, 768]), torch.Size([B, 14, 14, 768]), torch.Size([B, 14, 14]))
     """
 
     def __init__(
@@ -343,7 +343,7 @@ class CoTAPVisionTransformer(nn.Module):
             cls, dense = self.filter(cls, dense)
         return CoTAPViTOutput(
             cls=cls,
-            dense=dense,
+            dense=dense.permute(0, 2, 3, 1),  # channel-last (B, h, w, D)
             fg_mask=fg_mask,
             cls_attention=cls_attention,
             bank_features=bank_features,

@@ -60,7 +60,7 @@ class CoTAPStudent(nn.Module):
             return_bank_features: Also return the prototype-bank features.
 
         Returns:
-            ``(patch_scores (N, K_patch, h, w), cls_scores (N, K_cls), fg_mask (N, h,
+            ``(patch_scores (N, h, w, K_patch), cls_scores (N, K_cls), fg_mask (N, h,
             w) | None, bank_features (N, D * k * k) | None)``.
         """
         out = self.backbone(
@@ -68,7 +68,7 @@ class CoTAPStudent(nn.Module):
             return_fg_mask=return_fg_mask,
             return_bank_features=return_bank_features,
         )
-        patch: Tensor = self.patch_head.forward_dense(out.dense)
+        patch: Tensor = self.patch_head(out.dense)
         cls: Tensor = self.cls_head(out.cls)
         return patch, cls, out.fg_mask, out.bank_features
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightly_cotap.atomic_write import write_json
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.train.run_folder import (
     RESUME_OWN_RUN,
     atomic_checkpoint_io,
@@ -565,7 +566,7 @@ def _dense_features(backbone: torch.nn.Module, images: Tensor) -> Tensor:
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    dense: Tensor = backbone(images.to(device)).dense.float().cpu()
+    dense: Tensor = dense_feature_fn(backbone)(images.to(device)).float().cpu()
     backbone.train(was_training)
     return dense
 

@@ -559,7 +559,8 @@ def resample_crop_features(
     location. Without flips this equals ``roi_resample_to_grid``.
 
     Args:
-        feature_map: Dense features of one crop per sample. Shape ``(B, C, H, W)``.
+        feature_map: Channel-last dense features of one crop per sample.
+            Shape ``(B, H, W, C)``.
         grid_boxes: Boxes ``(x0, y0, x1, y1)`` in feature-grid coordinates, e.g.
             from :func:`crop_pair_grid_boxes`. Shape ``(B, 4)``.
         out_h: Output grid height.
@@ -569,7 +570,10 @@ def resample_crop_features(
     Returns:
         Resampled features in row-major order. Shape ``(B, out_h * out_w, C)``.
     """
-    out: Tensor = roi_resample_to_grid(feature_map, grid_boxes, out_h, out_w)
+    # roi_resample_to_grid (torchvision's roi_align) takes channel-first maps.
+    out: Tensor = roi_resample_to_grid(
+        feature_map.permute(0, 3, 1, 2), grid_boxes, out_h, out_w
+    )
     if flipped is None:
         return out
     if flipped.shape != (feature_map.shape[0],):

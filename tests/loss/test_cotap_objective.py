@@ -26,13 +26,13 @@ def _side(gen: torch.Generator) -> CoTAPViewOutputs:
         return torch.randn(*shape, generator=gen).tanh()
 
     return CoTAPViewOutputs(
-        student_patch_global=randn(B, G, KP, H, H).requires_grad_(),
+        student_patch_global=randn(B, G, H, H, KP).requires_grad_(),
         student_cls=randn(B, G + L, KC).requires_grad_(),
-        teacher_patch=randn(B, G, KP, H, H),
+        teacher_patch=randn(B, G, H, H, KP),
         teacher_cls=randn(B, G, KC),
         fg_mask=torch.rand(B, G, H, H, generator=gen),
         crop_boxes=BOXES.expand(B, -1, -1).clone(),
-        student_patch_local=randn(B, L, KP, HL, HL).requires_grad_(),
+        student_patch_local=randn(B, L, HL, HL, KP).requires_grad_(),
     )
 
 
@@ -81,9 +81,9 @@ def test_terms_equal_the_components_and_total_is_weighted_sum() -> None:
     )
     teacher_patch = _cat(x.teacher_patch, pos.teacher_patch)
     codes = SinkhornCodes(num_prototypes=KP, queue_size=0, epsilon=0.05)(
-        teacher_patch.permute(0, 1, 3, 4, 2).reshape(-1, KP)
+        teacher_patch.reshape(-1, KP)
     )
-    codes = codes.reshape(2 * B, G, H, H, KP).permute(0, 1, 4, 2, 3)
+    codes = codes.reshape(2 * B, G, H, H, KP)
     expected_patch = PatchClusterLoss(output_size=2, fg_threshold=0.5)(
         teacher_codes=codes,
         student_global=_cat(x.student_patch_global, pos.student_patch_global),
@@ -136,7 +136,7 @@ def test_queues_fill_with_foreground_and_are_used() -> None:
     assert int(objective.patch_codes.num_filled) == 16
     assert int(objective.cls_codes.num_filled) == 4
     # Queued patch scores are foreground ones (mask > 0.5).
-    teacher = torch.cat([x.teacher_patch, pos.teacher_patch]).permute(0, 1, 3, 4, 2)
+    teacher = torch.cat([x.teacher_patch, pos.teacher_patch])  # (2B, G, H, H, KP)
     fg = torch.cat([x.fg_mask, pos.fg_mask]) > 0.5
     foreground_rows = {tuple(r) for r in teacher[fg].tolist()}
     assert all(
