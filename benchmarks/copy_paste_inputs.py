@@ -21,7 +21,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 def check_input_folders(
     parser: argparse.ArgumentParser, args: argparse.Namespace
 ) -> None:
-    """Exits with a one-line error when ``--objects`` or ``--backgrounds`` is missing."""
+    """Exits with a one-line error if ``--objects`` or ``--backgrounds`` is missing."""
     for name in ("objects", "backgrounds"):
         if not getattr(args, name).is_dir():
             parser.error(
