@@ -22,7 +22,9 @@ are missing). Every RGBA cut-out is composited onto a neutral grey square and re
 to ``--image-size``. A fixed stratified split (independent of the run seed) gives a
 training half, used for pretraining and as the kNN bank, and a test half, used as kNN
 queries. The semantic-pair runs use the *training labels* to form their pairs (that is
-the method); all other runs are label-free.
+the method); all other runs are label-free. Every training seeds torch, NumPy and
+Python's ``random`` with the run seed (Lightly's solarization, rotation and blur draw
+from NumPy's global generator), so a run repeats its numbers.
 
 Scale: a 4-block CNN (conv-BN-ReLU, widths w, 2w, 4w, 8w, strides 1, 2, 2, 2) at 32
 px, since ResNet-18 at 64 px costs ~8 s per step on the shared 2-core machine; pass

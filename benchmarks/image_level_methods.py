@@ -31,6 +31,7 @@ from lightly.transforms.torchvision_v2_compatibility import torchvision_transfor
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.scheduler import cosine_schedule
 from PIL import Image
+from pytorch_lightning import seed_everything
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -146,7 +147,7 @@ def _simclr_views(setup: Setup) -> SimCLRTransform:
 
 
 def run_simclr(setup: Setup) -> tuple[nn.Module, float]:
-    torch.manual_seed(setup.seed)
+    seed_everything(setup.seed, verbose=False)
     trunk = setup.trunk()
     head = SimCLRProjectionHead(setup.dim, setup.dim, 64)
     model = nn.ModuleDict({"trunk": trunk, "head": head})
@@ -162,7 +163,7 @@ def run_simclr(setup: Setup) -> tuple[nn.Module, float]:
 
 
 def run_dsa(setup: Setup) -> tuple[nn.Module, float]:
-    torch.manual_seed(setup.seed)
+    seed_everything(setup.seed, verbose=False)
     trunk = setup.trunk()
     head = nn.Sequential(
         SimCLRProjectionHead(setup.dim, setup.dim, 64), nn.BatchNorm1d(64)
@@ -205,7 +206,7 @@ def run_dsa(setup: Setup) -> tuple[nn.Module, float]:
 
 
 def run_semantic_pairs(setup: Setup, class_aware: bool) -> tuple[nn.Module, float]:
-    torch.manual_seed(setup.seed)
+    seed_everything(setup.seed, verbose=False)
     trunk = setup.trunk()
     head = SimCLRProjectionHead(setup.dim, setup.dim, 64)
     model = nn.ModuleDict({"trunk": trunk, "head": head})
@@ -247,7 +248,7 @@ def _byol_views(setup: Setup) -> BYOLTransform:
 
 
 def run_byol(setup: Setup, co_ssl: bool) -> tuple[nn.Module, float]:
-    torch.manual_seed(setup.seed)
+    seed_everything(setup.seed, verbose=False)
     trunk = setup.trunk()
     hidden, out = 2 * setup.dim, 64
     projection = BYOLProjectionHead(setup.dim, hidden, out)
@@ -304,7 +305,7 @@ def run_byol(setup: Setup, co_ssl: bool) -> tuple[nn.Module, float]:
 
 
 def run_vicreg(setup: Setup) -> tuple[nn.Module, float]:
-    torch.manual_seed(setup.seed)
+    seed_everything(setup.seed, verbose=False)
     trunk = setup.trunk()
     head = BarlowTwinsProjectionHead(setup.dim, 512, 512)
     model = nn.ModuleDict({"trunk": trunk, "head": head})
@@ -328,7 +329,7 @@ def run_vicreg(setup: Setup) -> tuple[nn.Module, float]:
 def run_bagssl(
     setup: Setup, n_patches: int, patch_size: int
 ) -> tuple[nn.Module, float]:
-    torch.manual_seed(setup.seed)
+    seed_everything(setup.seed, verbose=False)
     trunk = setup.trunk()
     head = BarlowTwinsProjectionHead(setup.dim, 512, 512)
     model = nn.ModuleDict({"trunk": trunk, "head": head})
