@@ -9,7 +9,7 @@
 # CO-BYOL (CO-SSL, https://arxiv.org/abs/2501.02860): BYOL plus a loss that
 # aligns every local feature of one view (the feature map before global
 # pooling, here average-pooled to a grid_size x grid_size grid) with the global
-# representation of the other view, through separate 1x1-convolution heads.
+# representation of the other view, through separate position-wise heads.
 
 import copy
 import os

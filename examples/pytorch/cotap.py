@@ -203,7 +203,7 @@ for epoch in range(epochs):
 
         x, bank_x = outputs(views, teacher(views))
         pos, bank_pos = outputs(views_pos, teacher(views_pos))
-        loss, terms = criterion(x=x, pos=pos)
+        loss = criterion(x=x, pos=pos)
         prototype_bank.update(torch.cat([bank_x, bank_pos]))
         if backbone.prototypes_initialized:
             loss = loss + prototype_criterion(

@@ -119,7 +119,8 @@ class CoTAP(pl.LightningModule):
             teacher_filter.set_prototypes(backbone.prototypes.data)
         x, bank_x = self.side_outputs(views)
         pos, bank_pos = self.side_outputs(views_pos)
-        loss, terms = self.criterion(x=x, pos=pos)
+        components = self.criterion.forward_components(x=x, pos=pos)
+        loss, terms = components.total, components.terms()
         self.prototype_bank.update(torch.cat([bank_x, bank_pos]))
         if backbone.prototypes_initialized:
             terms["prototype_entropy"] = self.prototype_criterion(

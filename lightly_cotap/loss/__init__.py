@@ -13,7 +13,11 @@ from lightly_cotap.loss.correspondence_criteria import (
 )
 from lightly_cotap.loss.cossl_loss import CoSSLLoss, CoSSLLossComponents
 from lightly_cotap.loss.cotap_loss import CoTAPLoss
-from lightly_cotap.loss.cotap_objective import CoTAPObjective, CoTAPViewOutputs
+from lightly_cotap.loss.cotap_objective import (
+    CoTAPObjective,
+    CoTAPObjectiveComponents,
+    CoTAPViewOutputs,
+)
 from lightly_cotap.loss.cross_crop_cls_loss import CrossCropClsLoss
 from lightly_cotap.loss.cross_image_cls_loss import CrossImageClsLoss
 from lightly_cotap.loss.dsa_loss import DSALoss, DSALossComponents
@@ -44,6 +48,7 @@ __all__ = [
     "ContinuousAPLoss",
     "CoTAPLoss",
     "CoTAPObjective",
+    "CoTAPObjectiveComponents",
     "CoTAPViewOutputs",
     "CrossCropClsLoss",
     "CrossImageClsLoss",

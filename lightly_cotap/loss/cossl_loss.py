@@ -1,4 +1,8 @@
-"""Co-occurrence SSL (CO-SSL) loss: local features predict the other view's global one."""
+"""Co-occurrence SSL (CO-SSL) loss: local features predict the other view's global one.
+
+Over 400 lines: one loss in three base-method modes (BYOL, DINO, MoCo v3) that share
+the pairing of views and the validation of the inputs.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Loss of the Dynamic Semantic Adjuster (DSA)."""
+"""Loss of the Dynamic Semantic Adjuster (DSA).
+
+Over 400 lines: one loss and its two term functions; most of the length is the
+documentation of the choices that differ from the authors' code.
+"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import torch
 from lightly.utils import dist
 from torch import Tensor, nn
 
-from lightly_cotap.transforms.cotap_transform import (
+from lightly_cotap.transforms.crop_alignment import (
     crop_pair_grid_boxes,
     resample_crop_features,
 )
@@ -20,7 +20,7 @@ class PatchClusterLoss(nn.Module):
     local) of the same image, the teacher's Sinkhorn codes of crop ``c`` and the
     student's prototype scores of crop ``v`` are RoI-aligned onto an
     ``output_size x output_size`` grid over the intersection of the two crops
-    (:func:`~lightly_cotap.transforms.cotap_transform.crop_pair_grid_boxes`,
+    (:func:`~lightly_cotap.transforms.crop_alignment.crop_pair_grid_boxes`,
     Lightly's ``roi_resample_to_grid``). The student's aligned scores go through
     ``log_softmax(. / temperature)`` and the cross-entropy ``-sum_k q_k log p_k``
     is averaged over the aligned cells where the RoI-aligned teacher foreground

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from lightly_cotap.data import SampleImageDataset
 from lightly_cotap.transforms import cotap_transform
-from lightly_cotap.transforms.cotap_transform import (
-    CoTAPTransform,
+from lightly_cotap.transforms.cotap_transform import CoTAPTransform
+from lightly_cotap.transforms.crop_alignment import (
     box_intersection,
     crop_pair_grid_boxes,
     image_boxes_to_grid,

@@ -148,16 +148,8 @@ class CoTAPPatchProjectionHead(CoTAPProjectionHead):
     ) -> None:
         """Initializes the CoTAPPatchProjectionHead with the specified dimensions.
 
-        Args:
-            input_dim: Input width (2D with the object-aware filter).
-            hidden_dim: Hidden width of the MLP.
-            bottleneck_dim: Width of the L2-normalised bottleneck.
-            output_dim: Number K of patch prototypes.
-            freeze_last_layer: Number of epochs during which the prototype layer is
-                frozen; -1 never freezes it.
-
-        Raises:
-            ValueError: If a dimension is not positive.
+        The arguments are those of :class:`CoTAPProjectionHead`; ``output_dim`` is
+        the number K of patch prototypes.
         """
         super().__init__(
             input_dim=input_dim,
@@ -193,16 +185,8 @@ class CoTAPClsProjectionHead(CoTAPProjectionHead):
     ) -> None:
         """Initializes the CoTAPClsProjectionHead with the specified dimensions.
 
-        Args:
-            input_dim: Input width (2D with the object-aware filter).
-            hidden_dim: Hidden width of the MLP.
-            bottleneck_dim: Width of the L2-normalised bottleneck.
-            output_dim: Number K of CLS prototypes.
-            freeze_last_layer: Number of epochs during which the prototype layer is
-                frozen; -1 never freezes it.
-
-        Raises:
-            ValueError: If a dimension is not positive.
+        The arguments are those of :class:`CoTAPProjectionHead`; ``output_dim`` is
+        the number K of CLS prototypes.
         """
         super().__init__(
             input_dim=input_dim,
