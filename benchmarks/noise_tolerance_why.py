@@ -25,10 +25,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import warnings
-from pathlib import Path
 
-import noise_tolerance as nt
 import torch
+from copy_paste_inputs import add_input_arguments
+from noise_tolerance_data import (
+    Paths,
+    draw_batches,
+    pair_lists,
+    seed_data,
+    teacher_features,
+    teacher_stats,
+)
+from noise_tolerance_evaluate import evaluate
+from noise_tolerance_settings import Config
+from noise_tolerance_train import (
+    Student,
+    make_criterion,
+    student_features,
+    train_student,
+)
 from torch import Tensor, nn
 
 from lightly_cotap.loss import ContinuousAPLoss
@@ -53,9 +68,9 @@ class Unweighted(nn.Module):
         return loss
 
 
-def gradient_sources(paths: nt.Paths, cfg: nt.Config) -> str:
+def gradient_sources(paths: Paths, cfg: Config) -> str:
     """Table of measurement 1."""
-    data = nt.seed_data(paths, cfg, 0)
+    data = seed_data(paths, cfg, 0)
     criterion = ContinuousAPLoss()
     lines = [
         "| setting | student | anchor weight / gradient mass of different-class "
@@ -63,18 +78,18 @@ def gradient_sources(paths: nt.Paths, cfg: nt.Config) -> str:
         "|---|---|---:|---:|---:|",
     ]
     for noise, share in (("very heavy", "50%"), ("medium", "50%"), ("medium", "5%")):
-        teacher = nt.teacher_features(data.patch_labels, data.num_classes, noise, 0)
-        batches = nt.draw_batches(data, cfg, share, 0)
+        teacher = teacher_features(data.patch_labels, data.num_classes, noise, 0)
+        batches = draw_batches(data, cfg, share, 0)
         for state in ("initial", "trained"):
             torch.manual_seed(0)
-            student = nt.Student()
+            student = Student()
             if state == "trained":
-                nt.train_student(student, data, teacher, batches, criterion, cfg, 1e-3)
+                train_student(student, data, teacher, batches, criterion, cfg, 1e-3)
             steps = range(cfg.steps - 10, cfg.steps)
-            s, same, factor = nt.pair_lists(
-                data, nt.student_features(student, data.train_images), batches, steps
+            s, same, factor = pair_lists(
+                data, student_features(student, data.train_images), batches, steps
             )
-            t, _, _ = nt.pair_lists(data, teacher, batches, steps)
+            t, _, _ = pair_lists(data, teacher, batches, steps)
             # [gradient mass, misleading mass, anchor weight] per anchor group
             sums = {"same": [0.0, 0.0, 0.0], "different": [0.0, 0.0, 0.0]}
             for row in range(s.shape[0]):
@@ -106,7 +121,7 @@ def gradient_sources(paths: nt.Paths, cfg: nt.Config) -> str:
     return "\n".join(lines)
 
 
-def interventions(paths: nt.Paths, cfg: nt.Config, seeds: list[int]) -> str:
+def interventions(paths: Paths, cfg: Config, seeds: list[int]) -> str:
     """Table of measurement 2 (linear-probe mIoU, mean +- std and per seed)."""
 
     def score(
@@ -118,18 +133,18 @@ def interventions(paths: nt.Paths, cfg: nt.Config, seeds: list[int]) -> str:
         offset: float,
         plain: bool,
     ) -> float:
-        data = nt.seed_data(paths, cfg, seed)
-        teacher = nt.teacher_features(data.patch_labels, data.num_classes, noise, seed)
-        batches = nt.draw_batches(data, cfg, share, seed)
-        stats = nt.teacher_stats(data, teacher, batches, cfg, share)
+        data = seed_data(paths, cfg, seed)
+        teacher = teacher_features(data.patch_labels, data.num_classes, noise, seed)
+        batches = draw_batches(data, cfg, share, seed)
+        stats = teacher_stats(data, teacher, batches, cfg, share)
         list_size = (data.num_classes - 1) * cfg.top_k**2 * 2
-        criterion = nt.make_criterion(name, stats, list_size)
+        criterion = make_criterion(name, stats, list_size)
         if plain:
             criterion = Unweighted(criterion)
         torch.manual_seed(seed)
-        student = nt.Student()
-        nt.train_student(student, data, teacher, batches, criterion, cfg, lr, offset)
-        return 100 * nt.evaluate(student, data, cfg, seed)["linear_probe"]
+        student = Student()
+        train_student(student, data, teacher, batches, criterion, cfg, lr, offset)
+        return 100 * evaluate(student, data, cfg, seed)["linear_probe"]
 
     runs = [
         (
@@ -185,13 +200,12 @@ def interventions(paths: nt.Paths, cfg: nt.Config, seeds: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--objects", type=Path, default=nt.CACHE / "objects")
-    parser.add_argument("--backgrounds", type=Path, default=nt.CACHE / "backgrounds")
+    add_input_arguments(parser)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
-    paths, cfg = nt.Paths(args.objects, args.backgrounds), nt.Config()
+    paths, cfg = Paths(args.objects, args.backgrounds), Config()
     print(gradient_sources(paths, cfg), end="\n\n")
     print(interventions(paths, cfg, args.seeds))
 

@@ -45,9 +45,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from lightly_cotap.atomic_write import save_image, write_json
-from lightly_cotap.data.copy_paste_scenes import (
+from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
+from lightly_cotap.data.copy_paste_sources import (
     TUXPAINT_CLASSES,
-    CopyPasteScenes,
     debian_backgrounds,
     tuxpaint_class_folders,
 )

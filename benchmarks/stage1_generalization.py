@@ -14,27 +14,27 @@ of the same architecture and the majority class. A large seen / unseen gap means
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from copy_paste_inputs import add_input_arguments
+from dense_quality_config import Config, Paths
+from dense_quality_data import object_centric_scenes
+from dense_quality_train import backbone
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dense_quality as dq  # noqa: E402
-
-from lightly_cotap.data.copy_paste_scenes import Split  # noqa: E402
-from lightly_cotap.data.segmentation_folder import image_to_tensor  # noqa: E402
-from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer  # noqa: E402
+from lightly_cotap.data.copy_paste_scenes import Split
+from lightly_cotap.data.segmentation_folder import image_to_tensor
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
 
 
 def object_images(
-    paths: dq.Paths, split: Split, seed: int, count: int, size: int
+    paths: Paths, split: Split, seed: int, count: int, size: int
 ) -> tuple[Tensor, np.ndarray]:
     """Normalised object-centric images of one split and their class ids."""
-    scenes = dq.object_centric_scenes(
+    scenes = object_centric_scenes(
         paths.objects,
         paths.backgrounds,
         split=split,
@@ -49,7 +49,7 @@ def object_images(
 
 @torch.no_grad()
 def mean_patch_features(model: CoTAPVisionTransformer, images: Tensor) -> np.ndarray:
-    features = [model(batch).dense.mean((2, 3)) for batch in images.split(100)]
+    features = [model(batch).dense.mean((1, 2)) for batch in images.split(100)]
     return torch.cat(features).numpy()
 
 
@@ -59,22 +59,21 @@ def main() -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--run", type=Path, default=Path("outputs/dense_quality"))
-    parser.add_argument("--objects", type=Path, default=dq.CACHE / "objects")
-    parser.add_argument("--backgrounds", type=Path, default=dq.CACHE / "backgrounds")
+    add_input_arguments(parser)
     parser.add_argument("--images", type=int, default=1500, help="Training images.")
     args = parser.parse_args()
     checkpoints = sorted((args.run / "stage1").glob("seed*.pth"))
     if not checkpoints:
         parser.error(f"no stage-1 checkpoints in {args.run / 'stage1'}.")
     torch.set_num_threads(1)
-    cfg = dq.Config()
-    paths = dq.Paths(args.objects, args.backgrounds)
+    cfg = Config()
+    paths = Paths(args.objects, args.backgrounds)
     size = cfg.stage1_image_size
     train = object_images(paths, "train", 77, args.images, size)
     seen = object_images(paths, "train", 78, args.images // 3, size)
     unseen = object_images(paths, "test", 79, args.images // 3, size)
     torch.manual_seed(0)
-    models = [("random initialisation", dq.backbone(cfg, use_filter=False).eval())]
+    models = [("random initialisation", backbone(cfg, use_filter=False).eval())]
     models += [
         (f"P {c.stem}", CoTAPVisionTransformer.from_checkpoint(c)) for c in checkpoints
     ]

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -60,8 +62,6 @@ def save_torch(obj: Any, path: str | os.PathLike[str]) -> Path:
     Returns:
         The written path.
     """
-    import torch
-
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)

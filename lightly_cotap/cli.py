@@ -41,6 +41,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# The subcommands are imported when the parser is built, not at module import: the
+# eval command imports HelpFormatter from here.
 def _add_train(parser: argparse.ArgumentParser) -> None:
     from lightly_cotap.train.run import add_train_arguments
 

@@ -18,8 +18,8 @@ Command line (``python -m lightly_cotap.export``)::
 
 converts any supported checkpoint (lightly-cotap / Lightning / official CoTAP /
 DINO / iBOT / timm); the output is written atomically and a bad argument is one line
-on stderr with exit code 2 (``--debug`` shows the traceback). ``--arch`` and the filter options are only needed when the input
-is not already a lightly-cotap export. ``--format mmseg`` writes the same weights
+on stderr with exit code 2 (``--debug`` shows the traceback). ``--arch`` and the
+filter options are only needed when the input is not already a lightly-cotap export. ``--format mmseg`` writes the same weights
 with the keys of the mmseg backbone (``backbone.model.*``, see
 :mod:`lightly_cotap.mmseg`). More output formats can be registered in
 :data:`EXPORT_FORMATS`.
@@ -38,8 +38,9 @@ from typing import Any
 import torch
 
 from lightly_cotap.atomic_write import save_torch
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
+from lightly_cotap.models.checkpoints import extract_backbone_state_dict
 from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer, vit_name_problem
-from lightly_cotap.models.utils import load_checkpoint_file
 from lightly_cotap.user_errors import (
     UsageError,
     add_debug_argument,
@@ -171,8 +172,6 @@ def build_model_from_checkpoint(
     Raises:
         ValueError: If the architecture is unknown or the weights do not fit.
     """
-    from lightly_cotap.models.utils import extract_backbone_state_dict
-
     checkpoint = load_checkpoint_file(checkpoint_path, weights_only=weights_only)
     meta = checkpoint.get("meta")
     if isinstance(meta, Mapping):

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from lightly_cotap.models.checkpoint_files import CheckpointFileError
+from lightly_cotap.models.checkpoints import CheckpointMismatchError
+
 _NO_VALUE = object()
 
 
@@ -104,8 +107,8 @@ def checkpoint_error(
         option: The argument that named the file (e.g. ``"--init"``).
         path: The file.
         error: What loading raised: ``FileNotFoundError``,
-            :class:`~lightly_cotap.models.utils.CheckpointFileError`,
-            :class:`~lightly_cotap.models.utils.CheckpointMismatchError` (weights of
+            :class:`~lightly_cotap.models.checkpoint_files.CheckpointFileError`,
+            :class:`~lightly_cotap.models.checkpoints.CheckpointMismatchError` (weights of
             another architecture) or another ``ValueError`` of the key mapping.
         unsafe_fix: How this command loads a trusted file that holds pickled objects
             (e.g. ``"pass --unsafe-load"``).
@@ -115,8 +118,6 @@ def checkpoint_error(
     Returns:
         The error to raise.
     """
-    from lightly_cotap.models.utils import CheckpointFileError, CheckpointMismatchError
-
     if isinstance(error, FileNotFoundError):
         return UsageError(option, path, "no such file")
     if isinstance(error, CheckpointFileError):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lightly_cotap.atomic_write import atomic_path, write_json
-from lightly_cotap.data.semantic_pairs import NeighborIndex
+from lightly_cotap.data.neighbors import NeighborIndex
 from lightly_cotap.eval.visualize import save_image_grid
 from lightly_cotap.export import export_backbone, export_mmseg_backbone
 from lightly_cotap.models import CoTAPVisionTransformer

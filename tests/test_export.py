@@ -101,6 +101,7 @@ def test_round_trip_custom_vit_with_registers(tmp_path: Path) -> None:
         init_values=1e-5,
         qkv_bias=False,
         num_classes=0,
+        dynamic_img_size=True,
     )
     model = _trained_like(
         CoTAPVisionTransformer(vit, num_prototypes=5, prototype_size=1)
@@ -373,7 +374,7 @@ def test_export_keeps_the_trained_position_embedding(
 def test_timm_overrides_rebuild_the_architecture(
     arch: str, structure: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
-    from lightly_cotap.models.cotap_vit import timm_overrides
+    from lightly_cotap.models.cotap_vit_meta import timm_overrides
 
     meta = CoTAPVisionTransformer(arch, img_size=32, **structure).get_meta()
     assert timm_overrides(meta) == overrides
@@ -382,10 +383,16 @@ def test_timm_overrides_rebuild_the_architecture(
 
 
 def test_timm_overrides_of_an_unnamed_vit() -> None:
-    from lightly_cotap.models.cotap_vit import GENERIC_ARCH, timm_overrides
+    from lightly_cotap.models.cotap_vit_meta import GENERIC_ARCH, timm_overrides
 
     vit = VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        num_classes=0,
+        dynamic_img_size=True,
     )
     meta = CoTAPVisionTransformer(vit).get_meta()
     assert meta["arch"] is None

@@ -9,7 +9,7 @@
 # CO-BYOL (CO-SSL, https://arxiv.org/abs/2501.02860): BYOL plus a loss that
 # aligns every local feature of one view (the feature map before global
 # pooling, here average-pooled to a grid_size x grid_size grid) with the global
-# representation of the other view, through separate 1x1-convolution heads.
+# representation of the other view, through separate position-wise heads.
 
 import copy
 import os
@@ -56,9 +56,10 @@ class CoBYOL(nn.Module):
         feature_map = self.backbone(x)
         y = feature_map.mean(dim=(2, 3))
         p = self.prediction_head(self.projection_head(y))
-        local = F.adaptive_avg_pool2d(feature_map, self.grid_size)
+        # n x n local features, channel-last (B, n, n, 512) for the local heads.
+        local = F.adaptive_avg_pool2d(feature_map, self.grid_size).permute(0, 2, 3, 1)
         local_p = self.local_prediction_head(self.local_projection_head(local))
-        return p, local_p  # (B, 256) and (B, 256, grid_size, grid_size)
+        return p, local_p  # (B, 256) and (B, grid_size, grid_size, 256)
 
     @torch.no_grad()
     def forward_momentum(self, x: Tensor) -> tuple[Tensor, Tensor]:

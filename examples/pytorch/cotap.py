@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightly_cotap.data import NeighborIndex, SampleImageDataset, SemanticPairDataset
-from lightly_cotap.data.semantic_pairs import default_embedding_transform
+from lightly_cotap.data.embedding import default_embedding_transform
 from lightly_cotap.loss import CoTAPObjective, CoTAPViewOutputs, PrototypeEntropyLoss
 from lightly_cotap.models import CoTAPVisionTransformer
 from lightly_cotap.models.modules.heads import (
@@ -61,14 +61,14 @@ class CoTAP(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         out = self.student_backbone(x, return_bank_features=self.training)
-        patch = self.student_patch_head.forward_dense(out.dense)
+        patch = self.student_patch_head(out.dense)
         cls = self.student_cls_head(out.cls)
         return patch, cls, out.bank_features
 
     @torch.no_grad()
     def forward_teacher(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.teacher_backbone(x, return_fg_mask=True)
-        patch = self.teacher_patch_head.forward_dense(out.dense)
+        patch = self.teacher_patch_head(out.dense)
         cls = self.teacher_cls_head(out.cls)
         assert out.fg_mask is not None
         return patch, cls, out.fg_mask
@@ -203,7 +203,7 @@ for epoch in range(epochs):
 
         x, bank_x = outputs(views, teacher(views))
         pos, bank_pos = outputs(views_pos, teacher(views_pos))
-        loss, terms = criterion(x=x, pos=pos)
+        loss = criterion(x=x, pos=pos)
         prototype_bank.update(torch.cat([bank_x, bank_pos]))
         if backbone.prototypes_initialized:
             loss = loss + prototype_criterion(

@@ -59,7 +59,8 @@ class CoBYOL(pl.LightningModule):
         feature_map = self.backbone(x)
         y = feature_map.mean(dim=(2, 3))
         p = self.prediction_head(self.projection_head(y))
-        local = F.adaptive_avg_pool2d(feature_map, self.grid_size)
+        # n x n local features, channel-last (B, n, n, 512) for the local heads.
+        local = F.adaptive_avg_pool2d(feature_map, self.grid_size).permute(0, 2, 3, 1)
         local_p = self.local_prediction_head(self.local_projection_head(local))
         return p, local_p
 
@@ -88,7 +89,7 @@ class CoBYOL(pl.LightningModule):
         p1, local_p1 = self.forward(x1)
         z0, local_z0 = self.forward_momentum(x0)
         z1, local_z1 = self.forward_momentum(x1)
-        terms = self.criterion.terms(
+        terms = self.criterion.forward_components(
             global_online=[p0, p1],
             global_target=[z0, z1],
             local_online=[local_p0, local_p1],

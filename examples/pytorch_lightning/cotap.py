@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightly_cotap.data import NeighborIndex, SampleImageDataset, SemanticPairDataset
-from lightly_cotap.data.semantic_pairs import default_embedding_transform
+from lightly_cotap.data.embedding import default_embedding_transform
 from lightly_cotap.loss import CoTAPObjective, CoTAPViewOutputs, PrototypeEntropyLoss
 from lightly_cotap.models import CoTAPVisionTransformer
 from lightly_cotap.models.modules.heads import (
@@ -79,14 +79,14 @@ class CoTAP(pl.LightningModule):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         out = self.student_backbone(x, return_bank_features=self.training)
-        patch = self.student_patch_head.forward_dense(out.dense)
+        patch = self.student_patch_head(out.dense)
         cls = self.student_cls_head(out.cls)
         return patch, cls, out.bank_features
 
     @torch.no_grad()
     def forward_teacher(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.teacher_backbone(x, return_fg_mask=True)
-        patch = self.teacher_patch_head.forward_dense(out.dense)
+        patch = self.teacher_patch_head(out.dense)
         cls = self.teacher_cls_head(out.cls)
         assert out.fg_mask is not None
         return patch, cls, out.fg_mask
@@ -119,7 +119,8 @@ class CoTAP(pl.LightningModule):
             teacher_filter.set_prototypes(backbone.prototypes.data)
         x, bank_x = self.side_outputs(views)
         pos, bank_pos = self.side_outputs(views_pos)
-        loss, terms = self.criterion(x=x, pos=pos)
+        components = self.criterion.forward_components(x=x, pos=pos)
+        loss, terms = components.total, components.terms()
         self.prototype_bank.update(torch.cat([bank_x, bank_pos]))
         if backbone.prototypes_initialized:
             terms["prototype_entropy"] = self.prototype_criterion(

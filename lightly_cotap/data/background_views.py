@@ -82,7 +82,15 @@ class BackgroundView:
         )
 
     def render(self, photo: Image.Image, size: int) -> Image.Image:
-        """Renders the view as an RGB image of ``size`` x ``size`` pixels."""
+        """Renders the view as an RGB image of ``size`` x ``size`` pixels.
+
+        Args:
+            photo: The background photo (unused for a procedural texture).
+            size: Side of the output in pixels.
+
+        Returns:
+            The background image.
+        """
         if self.texture_seed is not None:
             image = procedural_texture(size, np.random.default_rng(self.texture_seed))
         else:

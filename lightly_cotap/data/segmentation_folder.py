@@ -14,35 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
 
 from lightly_cotap.data.image_io import IMAGE_EXTENSIONS, read_rgb_image, to_rgb
 
 #: Modes of masks read as class ids (others are converted to ``L``).
 MASK_MODES = ("L", "P", "I", "I;16")
-
-
-def read_mask_values(path: str | Path) -> set[int]:
-    """The values (class ids) in a mask file.
-
-    Args:
-        path: A single-channel mask image.
-
-    Returns:
-        The distinct pixel values.
-
-    Raises:
-        ValueError: If the mask is not single-channel.
-    """
-    with Image.open(path) as mask:
-        if mask.mode not in MASK_MODES:
-            raise ValueError(
-                f"mask {str(path)!r} is a {mask.mode} image; masks must be "
-                "single-channel images of class ids (or palette PNGs)."
-            )
-        return {int(v) for v in np.unique(np.asarray(mask))}
 
 
 def imagenet_mean_std() -> tuple[list[float], list[float]]:
@@ -51,8 +32,6 @@ def imagenet_mean_std() -> tuple[list[float], list[float]]:
     Returns:
         ``(mean, std)`` per RGB channel.
     """
-    from lightly.transforms.utils import IMAGENET_NORMALIZE  # heavy import, lazy
-
     return list(IMAGENET_NORMALIZE["mean"]), list(IMAGENET_NORMALIZE["std"])
 
 
@@ -62,7 +41,7 @@ def image_to_tensor(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Tensor:
-    """Converts a PIL image to a normalised float RGB tensor.
+    """Converts a PIL image to a normalised float RGB tensor (torchvision's functions).
 
     Args:
         image: Image of any mode (converted with
@@ -75,9 +54,9 @@ def image_to_tensor(
     """
     if mean is None or std is None:
         mean, std = imagenet_mean_std()
-    arr = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
-    x = torch.from_numpy(arr).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    tensor = TF.to_tensor(to_rgb(image))
+    normalized: Tensor = TF.normalize(tensor, mean=list(mean), std=list(std))
+    return normalized
 
 
 def _size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from lightly_cotap.eval.clustering import kmeans_segmentation
 from lightly_cotap.eval.dense import evaluate_dense
-from lightly_cotap.eval.features import DenseFeatures, extract_dense_features
+from lightly_cotap.eval.features import (
+    DenseFeatures,
+    extract_dense_features,
+)
 from lightly_cotap.eval.linear_probe import (
     LinearSegmentationProbe,
     linear_probe_miou,
@@ -18,6 +21,7 @@ from lightly_cotap.eval.metrics import (
     metrics_from_confusion,
     segmentation_metrics,
 )
+from lightly_cotap.eval.model_features import dense_feature_fn
 from lightly_cotap.eval.retrieval import retrieval_segmentation
 from lightly_cotap.eval.visualize import (
     pca_rgb,
@@ -30,6 +34,7 @@ __all__ = [
     "DenseFeatures",
     "LinearSegmentationProbe",
     "confusion_matrix",
+    "dense_feature_fn",
     "evaluate_dense",
     "extract_dense_features",
     "greedy_match",

@@ -4,7 +4,8 @@ Protocol of Leopart's ``PredsmIoUKmeans`` [0] and NeCo's overclustering evaluati
 on the validation features only:
 
 1. standardise each feature dimension (zero mean, unit std, eps 1e-5);
-2. PCA to ``pca_dim`` (50) dimensions;
+2. PCA to ``pca_dim`` (50) dimensions
+   (:func:`~lightly_cotap.eval.pca.principal_components`);
 3. Euclidean k-means (scikit-learn ``KMeans``, k-means++ init, ``n_init`` restarts,
    ``max_iter`` Lloyd iterations) with K = number of classes, or K > C for
    overclustering;
@@ -20,8 +21,8 @@ upsampling the affine scores ``2 z.c_k - |c_k|^2``. Because standardisation, PCA
 bilinear interpolation are affine, this assignment is **exactly** the nearest centroid
 of the upsampled feature, as in [0]; only the fitting set differs.
 
-The Euclidean k-means is scikit-learn's (imported lazily); the project's spherical
-k-means in :mod:`lightly_cotap.models.utils` serves the training losses.
+The Euclidean k-means is scikit-learn's; the project's spherical k-means in
+:mod:`lightly_cotap.models.kmeans` serves the training losses.
 
 - [0]: Ziegler and Asano, Self-Supervised Learning of Object Parts for Semantic
   Segmentation (Leopart), 2022, https://arxiv.org/abs/2204.13101
@@ -36,10 +37,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
 from torch import Tensor
 
 from lightly_cotap.eval.features import DenseFeatures
 from lightly_cotap.eval.metrics import AbsentClasses, confusion_matrix, matched_metrics
+from lightly_cotap.eval.pca import principal_components
 from lightly_cotap.eval.progress import Progress, progress_bar
 
 
@@ -71,11 +74,7 @@ def fit_standardize_pca(
     scale = x.std(dim=0) + eps if standardize else torch.ones_like(mean)
     weight = torch.diag(1.0 / scale)
     if pca_dim is not None and pca_dim < x.shape[1]:
-        z = (x - mean) / scale
-        cov = z.T @ z / (z.shape[0] - 1)
-        _, eigvecs = torch.linalg.eigh(cov)  # ascending eigenvalues
-        components = eigvecs[:, -pca_dim:].flip(dims=(1,))
-        weight = weight @ components
+        weight = weight @ principal_components((x - mean) / scale, pca_dim).T
     bias = -(mean @ weight)
     return weight, bias
 
@@ -102,19 +101,12 @@ def fit_kmeans(
 
     Raises:
         ValueError: If ``num_clusters`` is not in ``[1, M]``.
-        ImportError: If scikit-learn is not installed.
     """
     if not 1 <= num_clusters <= x.shape[0]:
         raise ValueError(
             f"num_clusters must lie in [1, {x.shape[0]}] (number of vectors), got "
             f"{num_clusters}."
         )
-    try:
-        from sklearn.cluster import KMeans
-    except ImportError as ex:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "k-means segmentation needs scikit-learn: pip install scikit-learn"
-        ) from ex
     kmeans = KMeans(
         n_clusters=num_clusters, n_init=n_init, max_iter=max_iter, random_state=seed
     )
@@ -135,7 +127,7 @@ def assign_clusters(
     """Nearest-centroid label of every pixel of bilinearly upsampled feature maps.
 
     Args:
-        features: Dense features. Shape: (N, C, h, w).
+        features: Dense features, channel-last. Shape: (N, h, w, C).
         weight: Affine map from :func:`fit_standardize_pca`. Shape: (C, d).
         bias: Affine offset. Shape: (d,).
         centroids: Centroids in the mapped space. Shape: (K, d).
@@ -153,7 +145,7 @@ def assign_clusters(
     for i in range(0, features.shape[0], batch_size):
         f = features[i : i + batch_size].float()
         scores = (
-            torch.einsum("bchw,ck->bkhw", f, proj32) + offset32[None, :, None, None]
+            torch.einsum("bhwc,ck->bkhw", f, proj32) + offset32[None, :, None, None]
         )
         if tuple(scores.shape[-2:]) != tuple(size):
             scores = F.interpolate(
@@ -218,8 +210,8 @@ def kmeans_segmentation(
         raise ValueError(
             f"matching must be 'auto', 'hungarian' or 'greedy', got {matching!r}."
         )
-    n, c, h, w = val.features.shape
-    x = val.features.permute(0, 2, 3, 1).reshape(-1, c)
+    n, h, w, c = val.features.shape
+    x = val.features.reshape(-1, c)
     if max_fit_vectors is not None and x.shape[0] > max_fit_vectors:
         generator = torch.Generator().manual_seed(seed)
         x = x[torch.randperm(x.shape[0], generator=generator)[:max_fit_vectors]]

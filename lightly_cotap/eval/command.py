@@ -25,25 +25,25 @@ atomically (an earlier ``report.json`` is only replaced by a complete new one).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from lightly_cotap.atomic_write import write_json
+from lightly_cotap.cli import HelpFormatter
+from lightly_cotap.data.segmentation_folder import SegmentationFolder
+from lightly_cotap.eval.dense import evaluate_dense
+from lightly_cotap.eval.mask_labels import class_names_file, decide_classes, scan_masks
+from lightly_cotap.eval.model_features import dense_feature_fn
+from lightly_cotap.eval.progress import Progress
+from lightly_cotap.eval.report import EVALUATIONS, format_report, jsonable
+from lightly_cotap.export import build_model_from_args
 from lightly_cotap.user_errors import UsageError, add_debug_argument, run_command
-
-#: Evaluations that ``--skip`` accepts (keys of the report).
-EVALUATIONS = ("linear_probe", "kmeans", "overclustering", "retrieval")
-
-#: User errors of the ``eval`` command (the package's one user-error type).
-EvalCommandError = UsageError
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -189,8 +189,6 @@ def _check_folder(path: str, option: str) -> Path:
 def _segmentation_folder(
     images: str, masks: str, image_size: int, image_option: str, mask_option: str
 ) -> Any:
-    from lightly_cotap.data.segmentation_folder import SegmentationFolder
-
     _check_folder(images, image_option)
     _check_folder(masks, mask_option)
     try:
@@ -220,8 +218,6 @@ def _split(
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    from lightly_cotap.export import build_model_from_args
-
     model = build_model_from_args(args, img_size=args.image_size)
     if args.image_size % model.patch_size != 0:
         raise UsageError(
@@ -230,60 +226,6 @@ def _load_model(args: argparse.Namespace) -> Any:
             f"must be a multiple of the checkpoint's patch size {model.patch_size}",
         )
     return model.to(args.device).eval()
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """Formats the metrics of an evaluation report as a Markdown table.
-
-    Args:
-        report: The dict returned by :func:`run_eval`.
-
-    Returns:
-        A table with one row per evaluation (mIoU and pixel accuracy in percent), then
-        the per-class IoU of every evaluation.
-    """
-    names = [n for n in EVALUATIONS if n in report]
-    lines = [
-        "| evaluation | mIoU (%) | pixel acc. (%) | seconds |",
-        "|---|---:|---:|---:|",
-    ]
-    for name in names:
-        r = report[name]
-        lines.append(
-            f"| {name} | {100 * r['miou']:.2f} | {100 * r['pixel_accuracy']:.2f} | "
-            f"{r.get('seconds', float('nan')):.1f} |"
-        )
-    class_names = report.get("settings", {}).get("class_names")
-    if names:
-        num = len(report[names[0]]["iou_per_class"])
-        labels = class_names or [str(c) for c in range(num)]
-        lines += ["", "| class | " + " | ".join(names) + " |"]
-        lines.append("|---|" + "---:|" * len(names))
-        for c in range(num):
-            cells = []
-            for name in names:
-                v = report[name]["iou_per_class"][c]
-                cells.append(
-                    "-" if v is None or not math.isfinite(v) else f"{100 * v:.1f}"
-                )
-            lines.append(f"| {labels[c]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,14 +242,6 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         UsageError: If a folder, a mask, the checkpoint or an option is invalid
             (checked before any feature is computed).
     """
-    from lightly_cotap.eval.dense import evaluate_dense
-    from lightly_cotap.eval.mask_labels import (
-        class_names_file,
-        decide_classes,
-        scan_masks,
-    )
-    from lightly_cotap.eval.progress import Progress
-
     for option, value, minimum in (
         ("--image-size", args.image_size, 1),
         ("--batch-size", args.batch_size, 1),
@@ -378,7 +312,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     progress: Progress = "lines" if args.no_progress else True
     skip = set(args.skip)
     report = evaluate_dense(
-        lambda x: model(x).dense,
+        dense_feature_fn(model),
         train_set,
         val_set,
         num_classes,
@@ -421,7 +355,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         "out_dim": model.out_dim,
         "patch_size": model.patch_size,
     }
-    report = dict(_jsonable(report))
+    report = dict(jsonable(report))
     write_json(out / "report.json", report)
     print(format_report(report))
     print(f"Wrote {out / 'report.json'}", file=sys.stderr)
@@ -454,8 +388,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit code: 0 on success, 2 on a user error (message on stderr).
     """
-    from lightly_cotap.cli import HelpFormatter
-
     parser = add_eval_arguments(
         argparse.ArgumentParser(
             prog="lightly-cotap eval",

@@ -57,8 +57,9 @@ def evaluate_dense(
     """Runs the linear probe, k-means, overclustering and retrieval evaluations.
 
     Args:
-        feature_fn: Frozen backbone, images (B, 3, H, W) -> dense features
-            (B, C, h, w); e.g. ``lambda x: model(x).dense``.
+        feature_fn: Frozen backbone, images (B, 3, H, W) -> channel-last dense
+            features (B, h, w, D); for this plugin's model
+            :func:`~lightly_cotap.eval.model_features.dense_feature_fn`.
         train_set: Labelled ``(image, mask)`` pairs for the probe and the retrieval
             memory.
         val_set: ``(image, mask)`` pairs that are scored (k-means uses only these).

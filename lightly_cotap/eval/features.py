@@ -3,10 +3,11 @@
 Every dense evaluation in :mod:`lightly_cotap.eval` runs on a :class:`DenseFeatures`
 cache: the backbone is run once (``torch.no_grad``, eval mode) over a dataset of
 ``(image, mask)`` pairs and the probes, the clustering and the retrieval reuse the
-cached patch features, as proposed for small CPU evaluations in the anchors study.
+cached patch features, so a small CPU evaluation runs the backbone once.
 
-The backbone is any callable ``feature_fn(images) -> dense features``; for this
-plugin's model that is ``lambda x: model(x).dense``.
+The backbone is any callable ``feature_fn(images) -> dense features`` returning
+channel-last features ``(B, h, w, D)``, the layout of Lightly's dense losses; for this
+plugin's model :func:`~lightly_cotap.eval.model_features.dense_feature_fn` gives it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class DenseFeatures:
     """Cached dense features and label maps of a dataset.
 
     Attributes:
-        features: Frozen dense features. Shape: (N, C, h, w).
+        features: Frozen dense features, channel-last. Shape: (N, h, w, D).
         masks: Ground-truth label maps at the label size, ``ignore_index`` for
             unlabelled pixels. Shape: (N, H_l, W_l), int64.
     """
@@ -40,7 +41,7 @@ class DenseFeatures:
     def __post_init__(self) -> None:
         if self.features.ndim != 4:
             raise ValueError(
-                f"features must have shape (N, C, h, w), got {tuple(self.features.shape)}."
+                f"features must have shape (N, h, w, D), got {tuple(self.features.shape)}."
             )
         if self.masks.ndim != 3 or self.masks.shape[0] != self.features.shape[0]:
             raise ValueError(
@@ -102,7 +103,7 @@ def extract_dense_features(
 
     Args:
         feature_fn: Maps a batch of images to dense features.
-            Images: (B, 3, H, W); features: (B, C, h, w).
+            Images: (B, 3, H, W); features, channel-last: (B, h, w, D).
         dataset: Indexable dataset of ``(image (3, H, W) float, mask (H, W) int)``
             pairs, all images of the same size.
         label_size: Size at which the masks are cached (nearest-neighbour); 100 is the
@@ -121,7 +122,7 @@ def extract_dense_features(
 
     Raises:
         ValueError: If ``batch_size`` is not positive, the dataset is empty, or the
-            backbone does not return (B, C, h, w) features.
+            backbone does not return (B, h, w, D) features.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
@@ -149,7 +150,7 @@ def extract_dense_features(
             feats = feature_fn(images.to(device))
             if feats.ndim != 4 or feats.shape[0] != images.shape[0]:
                 raise ValueError(
-                    f"feature_fn must return (B, C, h, w) features for B="
+                    f"feature_fn must return (B, h, w, D) features for B="
                     f"{images.shape[0]} images, got {tuple(feats.shape)}."
                 )
             features.append(feats.detach().to("cpu", feature_dtype))

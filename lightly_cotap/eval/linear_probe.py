@@ -49,7 +49,11 @@ from lightly_cotap.eval.progress import Progress, progress_bar
 
 
 class LinearSegmentationProbe(nn.Module):
-    """1x1 convolution on dense features, logits upsampled bilinearly to label size.
+    """Linear classifier on channel-last dense features, logits upsampled to label size.
+
+    The classifier is a 1x1 convolution (after an optional BatchNorm2d, DINOv2's
+    BNHead) applied to the features moved to channel-first, the layout these layers
+    take.
 
     Attributes:
         in_channels: Feature dimension C.
@@ -84,21 +88,23 @@ class LinearSegmentationProbe(nn.Module):
         """Computes class logits.
 
         Args:
-            features: Dense features. Shape: (B, C, h, w).
+            features: Dense features, channel-last. Shape: (B, h, w, C).
             size: Output size (H_l, W_l); ``None`` keeps (h, w).
 
         Returns:
             Logits. Shape: (B, K, H_l, W_l).
 
         Raises:
-            ValueError: If ``features`` does not have shape (B, in_channels, h, w).
+            ValueError: If ``features`` does not have shape (B, h, w, in_channels).
         """
-        if features.ndim != 4 or features.shape[1] != self.in_channels:
+        if features.ndim != 4 or features.shape[-1] != self.in_channels:
             raise ValueError(
-                f"features must have shape (B, {self.in_channels}, h, w), got "
+                f"features must have shape (B, h, w, {self.in_channels}), got "
                 f"{tuple(features.shape)}."
             )
-        logits: Tensor = self.classifier(self.norm(features))
+        # Contiguous channel-first: the memory layout the layers had, same numbers.
+        channel_first = features.permute(0, 3, 1, 2).contiguous()
+        logits: Tensor = self.classifier(self.norm(channel_first))
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
             logits = F.interpolate(
                 logits, size=size, mode="bilinear", align_corners=False
@@ -152,7 +158,7 @@ def train_linear_probe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = LinearSegmentationProbe(
-            train.features.shape[1], num_classes, use_bn=use_bn
+            train.features.shape[-1], num_classes, use_bn=use_bn
         ).to(device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
     criterion = nn.CrossEntropyLoss(ignore_index=ignore_index)
@@ -186,7 +192,7 @@ def predict_linear_probe(
 
     Args:
         probe: Trained probe.
-        features: Dense features. Shape: (N, C, h, w).
+        features: Dense features, channel-last. Shape: (N, h, w, C).
         size: Label size (H_l, W_l).
         batch_size: Images per forward pass.
 
@@ -243,10 +249,10 @@ def linear_probe_miou(
     Raises:
         ValueError: If train and val features have different channel counts.
     """
-    if train.features.shape[1] != val.features.shape[1]:
+    if train.features.shape[-1] != val.features.shape[-1]:
         raise ValueError(
             f"train and val features must have the same channels, got "
-            f"{train.features.shape[1]} and {val.features.shape[1]}."
+            f"{train.features.shape[-1]} and {val.features.shape[-1]}."
         )
     probe = train_linear_probe(
         train,
@@ -275,7 +281,7 @@ def linear_probe_miou(
         "weight_decay": weight_decay,
         "seed": seed,
         "select": "last",
-        "feature_size": list(train.features.shape[-2:]),
+        "feature_size": list(train.features.shape[1:3]),
         "train_label_size": list(train.label_size),
         "val_label_size": list(val.label_size),
         "num_train_images": len(train),

@@ -50,7 +50,15 @@ class MaskScan:
         return set(self.pixel_counts)
 
     def where(self, values: Sequence[int]) -> tuple[str, str]:
-        """The option and a short list of files holding some of ``values``."""
+        """The option and a short list of files holding some of ``values``.
+
+        Args:
+            values: Label values.
+
+        Returns:
+            ``(option, files)``: the option that named the first holder's folder and
+            up to three holders, comma-separated (with a count of the others).
+        """
         found = [f for v in values for f in self.files.get(v, [])]
         option = found[0][0] if found else "--masks"
         names = sorted({str(path) for _, path in found})
@@ -214,6 +222,9 @@ def decide_classes(
     ignore_index: int,
     ignore_index_given: bool,
     ignore_unknown: bool,
+    declare_hint: str = "--num-classes (or a classes.json next to the mask folder)",
+    ignore_unknown_hint: str | None = "--ignore-unknown-labels",
+    ignore_option: str = "--ignore-index",
 ) -> ClassDecision:
     """Fixes the number of classes from the declared classes and the mask labels.
 
@@ -227,6 +238,10 @@ def decide_classes(
             masks are not read as binary).
         ignore_unknown: Ignore labels outside the declared classes (with a count)
             instead of refusing them.
+        declare_hint: How the user declares the classes (for messages).
+        ignore_unknown_hint: The option that ignores unknown labels (for
+            messages), or ``None`` where the command has none.
+        ignore_option: The option that sets the ignore index (for messages).
 
     Returns:
         The decision.
@@ -247,11 +262,15 @@ def decide_classes(
         option, files = scan.where([255])
         messages.append(
             f"{option}: the masks hold only 0 and 255: read as binary masks (0 = "
-            "background, 255 = class 1); pass --ignore-index 255 to ignore 255 "
+            f"background, 255 = class 1); pass {ignore_option} 255 to ignore 255 "
             "instead"
         )
         values = {0, 1}
     labels = values - {ignore_index}
+    or_ignore = and_ignore = ""
+    if ignore_unknown_hint:
+        or_ignore = f", or pass {ignore_unknown_hint} to ignore those pixels"
+        and_ignore = f", and pass {ignore_unknown_hint} to ignore labels outside them"
     if num_classes is not None and num_classes < 2:
         raise UsageError(declared_by, num_classes, "must be at least 2 classes")
     if num_classes is not None:
@@ -264,8 +283,8 @@ def decide_classes(
                 f"labels {unknown} ({sum(scan.pixel_counts[v] for v in unknown)} "
                 f"pixels) lie outside the {num_classes} classes declared by "
                 f"{declared_by} (labels 0..{num_classes - 1}, {ignore_index} = "
-                "ignore); fix the masks, declare the right --num-classes, or pass "
-                "--ignore-unknown-labels to ignore those pixels",
+                f"ignore); fix the masks or declare the right classes with "
+                f"{declare_hint}{or_ignore}",
             )
         if unknown:
             option, files = scan.where(unknown)
@@ -277,9 +296,7 @@ def decide_classes(
             labels -= set(unknown)
     else:
         if not labels:
-            raise UsageError(
-                "--ignore-index", ignore_index, "every mask pixel equals it"
-            )
+            raise UsageError(ignore_option, ignore_index, "every mask pixel equals it")
         missing = sorted(set(range(max(labels) + 1)) - labels)
         if min(labels) < 0 or missing:
             stray = max(labels) if missing else min(labels)
@@ -290,9 +307,8 @@ def decide_classes(
                 f"holds label {stray} ({scan.pixel_counts[stray]} pixels) but the "
                 f"masks' labels {_short(sorted(labels))} are not 0..N "
                 f"({len(missing)} values in between never occur); "
-                "declare the classes with --num-classes (or a classes.json next to "
-                "the mask folder) instead of letting a stray value define them, "
-                "and pass --ignore-unknown-labels to ignore labels outside them",
+                f"declare the classes with {declare_hint} instead of letting a "
+                f"stray value define them{and_ignore}",
             )
         num_classes = max(labels) + 1
     if len(labels) < 2:
@@ -301,7 +317,7 @@ def decide_classes(
             option,
             files,
             f"every labelled pixel is class {sorted(labels)} (the rest equals "
-            f"--ignore-index {ignore_index}); an evaluation needs at least two "
+            f"{ignore_option} {ignore_index}); segmentation needs at least two "
             "labelled classes",
         )
     mapping = None

@@ -12,6 +12,10 @@ the IoU of a class is ``TP / (TP + FP + FN)`` and the mean runs over **all**
 mean instead (mmsegmentation's ``nanmean`` convention). A class absent from the ground
 truth but predicted somewhere always scores 0 (its union is not empty).
 
+Kept instead of torchmetrics: its macro Jaccard index always drops classes with an
+empty union (no Leopart convention), computes in float32, and its confusion matrix is
+square, while k-means scoring needs a C x K matrix.
+
 - [0]: Ziegler and Asano, Self-Supervised Learning of Object Parts for Semantic
   Segmentation (Leopart), 2022, https://arxiv.org/abs/2204.13101
 - [1]: Van Gansbeke et al., Unsupervised Semantic Segmentation by Contrasting Object

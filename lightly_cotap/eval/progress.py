@@ -78,7 +78,11 @@ class LineProgress:
         self.close()
 
     def update(self, n: int = 1) -> None:
-        """Counts ``n`` more steps; prints a line if ``interval`` has passed."""
+        """Counts ``n`` more steps; prints a line if ``interval`` has passed.
+
+        Args:
+            n: Steps done since the last call.
+        """
         self.n += n
         if time.monotonic() - self._last >= self.interval:
             self._print()

@@ -104,7 +104,7 @@ def build_memory(
         ValueError: If ``memory_size`` is smaller than the number of images, or no
             patch has a labelled pixel.
     """
-    n, c, h, w = train.features.shape
+    n, h, w, c = train.features.shape
     if memory_size is not None and memory_size < n:
         raise ValueError(
             f"memory_size must be at least the number of images ({n}), got "
@@ -114,9 +114,7 @@ def build_memory(
         train.masks, num_classes, (h, w), ignore_index=ignore_index
     )
     hist = hist.permute(0, 2, 3, 1).reshape(n, h * w, num_classes)
-    keys = F.normalize(
-        train.features.float().permute(0, 2, 3, 1).reshape(n, h * w, c), dim=-1
-    )
+    keys = F.normalize(train.features.float().reshape(n, h * w, c), dim=-1)
     nonempty = hist.sum(dim=-1) > 0  # (N, h*w)
     if not bool(nonempty.any()):
         raise ValueError("no training patch contains a labelled pixel.")
@@ -228,10 +226,10 @@ def retrieval_segmentation(
     Raises:
         ValueError: If train and val features have different channel counts.
     """
-    if train.features.shape[1] != val.features.shape[1]:
+    if train.features.shape[-1] != val.features.shape[-1]:
         raise ValueError(
             f"train and val features must have the same channels, got "
-            f"{train.features.shape[1]} and {val.features.shape[1]}."
+            f"{train.features.shape[-1]} and {val.features.shape[-1]}."
         )
     keys, labels = build_memory(
         train,
@@ -240,7 +238,7 @@ def retrieval_segmentation(
         ignore_index=ignore_index,
         seed=seed,
     )
-    n, c, h, w = val.features.shape
+    n, h, w, c = val.features.shape
     conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
     if images_per_chunk <= 0:
         raise ValueError(f"images_per_chunk must be positive, got {images_per_chunk}.")
@@ -249,7 +247,7 @@ def retrieval_segmentation(
     ):
         feats = val.features[i : i + images_per_chunk]
         b = feats.shape[0]
-        queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
+        queries = feats.reshape(-1, c)
         scores = retrieve_labels(
             queries,
             keys,

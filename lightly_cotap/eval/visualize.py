@@ -4,9 +4,10 @@
 (fitted jointly over all patches of the batch, so colours are comparable across the
 images) and maps them to RGB, as in DINO / DINOv2 feature visualisations.
 :func:`similarity_maps` shows the cosine similarity of every patch to one selected
-patch. :func:`save_image_grid` writes rows of images as one PNG (Pillow only), and
+patch. :func:`save_image_grid` writes rows of images as one PNG
+(``torchvision.utils.make_grid``, saved atomically), and
 :func:`save_dense_visualizations` combines them: each image next to its PCA map and
-next to its similarity map.
+next to its similarity map. Dense features are channel-last, ``(B, h, w, D)``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
+from torchvision.transforms import functional as TF
+from torchvision.utils import make_grid
 
 from lightly_cotap.atomic_write import save_image
+from lightly_cotap.eval.pca import principal_components
 
 # Viridis anchor colours (matplotlib's colormap sampled at 0, 1/8, ..., 1).
 _VIRIDIS = torch.tensor(
@@ -42,7 +46,7 @@ _VIRIDIS = torch.tensor(
 def _check_features(features: Tensor) -> None:
     if features.ndim != 4:
         raise ValueError(
-            f"features must have shape (B, C, h, w), got {tuple(features.shape)}."
+            f"features must have shape (B, h, w, D), got {tuple(features.shape)}."
         )
 
 
@@ -54,13 +58,13 @@ def pca_rgb(
 ) -> Tensor:
     """Maps dense features to RGB with their first three principal components.
 
-    The PCA is fitted jointly on all B * h * w patch vectors; the sign of every
-    component is fixed (largest absolute loading positive) so the colours are
-    deterministic. Each component is clipped to its ``[quantile, 1 - quantile]``
-    range and scaled to [0, 255].
+    The PCA (:func:`~lightly_cotap.eval.pca.principal_components`) is fitted jointly
+    on all B * h * w patch vectors; the sign of every component is fixed (largest
+    absolute loading positive) so the colours are deterministic. Each component is
+    clipped to its ``[quantile, 1 - quantile]`` range and scaled to [0, 255].
 
     Args:
-        features: Dense features. Shape: (B, C, h, w).
+        features: Dense features, channel-last. Shape: (B, h, w, D).
         size: Output size (H, W); components are upsampled bilinearly. ``None``
             keeps (h, w).
         quantile: Clipping quantile of every component.
@@ -74,15 +78,10 @@ def pca_rgb(
     _check_features(features)
     if not 0.0 <= quantile < 0.5:
         raise ValueError(f"quantile must lie in [0, 0.5), got {quantile}.")
-    b, c, h, w = features.shape
-    x = features.detach().float().cpu().permute(0, 2, 3, 1).reshape(-1, c)
+    b, h, w, c = features.shape
+    x = features.detach().float().cpu().reshape(-1, c)
     x = x - x.mean(dim=0)
-    # Right singular vectors = principal directions; pad if C < 3.
-    _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    comps = vh[:3].float()
-    signs = torch.sign(comps.gather(1, comps.abs().argmax(dim=1, keepdim=True)))
-    comps = comps * torch.where(signs == 0, torch.ones_like(signs), signs)
-    proj = x @ comps.T
+    proj = x @ principal_components(x, 3).float().T  # padded below if D < 3
     if proj.shape[1] < 3:
         proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - proj.shape[1])], 1)
     maps = proj.reshape(b, h, w, 3).permute(0, 3, 1, 2)
@@ -100,7 +99,7 @@ def similarity_maps(features: Tensor, query: tuple[int, int, int]) -> Tensor:
     """Cosine similarity of every patch to one selected patch.
 
     Args:
-        features: Dense features. Shape: (B, C, h, w).
+        features: Dense features, channel-last. Shape: (B, h, w, D).
         query: ``(image index, row, column)`` of the selected patch.
 
     Returns:
@@ -110,14 +109,14 @@ def similarity_maps(features: Tensor, query: tuple[int, int, int]) -> Tensor:
         ValueError: If ``features`` is not 4-D or ``query`` is out of range.
     """
     _check_features(features)
-    b, _, h, w = features.shape
+    b, h, w, _ = features.shape
     i, y, x = query
     if not (0 <= i < b and 0 <= y < h and 0 <= x < w):
         raise ValueError(
             f"query must lie in [0, {b}) x [0, {h}) x [0, {w}), got {query}."
         )
-    f = F.normalize(features.detach().float().cpu(), dim=1)
-    return torch.einsum("bchw,c->bhw", f, f[i, :, y, x])
+    f = F.normalize(features.detach().float().cpu(), dim=-1)
+    return torch.einsum("bhwc,c->bhw", f, f[i, y, x])
 
 
 def colorize(values: Tensor, *, vmin: float = -1.0, vmax: float = 1.0) -> Tensor:
@@ -186,18 +185,19 @@ def save_image_grid(
     *,
     cell_size: tuple[int, int] | None = None,
     padding: int = 2,
-    background: tuple[int, int, int] = (255, 255, 255),
+    pad_value: int = 255,
 ) -> Path:
-    """Writes rows of images as one PNG grid.
+    """Writes rows of images as one PNG grid (``torchvision.utils.make_grid``).
 
     Args:
         rows: Grid cells, row by row. A cell is a (3, H, W) tensor (uint8, or float in
-            [0, 1]), an (H, W, 3) / (H, W) uint8 array or a PIL image.
+            [0, 1]), an (H, W, 3) / (H, W) uint8 array or a PIL image. Shorter rows
+            are filled with ``pad_value``.
         path: Output file (parent folders are created; written atomically).
         cell_size: ``(H, W)`` of every cell; cells are resized with nearest-neighbour
             interpolation (patch grids stay sharp). ``None``: size of the first cell.
-        padding: Pixels between cells.
-        background: Colour of the padding.
+        padding: Pixels between cells and around the grid.
+        pad_value: Grey level (0-255) of the padding and of empty cells.
 
     Returns:
         The written path.
@@ -213,22 +213,16 @@ def save_image_grid(
         cell_size = (first.height, first.width)
     ch, cw = cell_size
     ncols = max(len(r) for r in cells)
-    grid = Image.new(
-        "RGB",
-        (
-            ncols * cw + (ncols + 1) * padding,
-            len(cells) * ch + (len(cells) + 1) * padding,
-        ),
-        background,
-    )
-    for r, row in enumerate(cells):
-        for col, cell in enumerate(row):
+    empty = torch.full((3, ch, cw), pad_value, dtype=torch.uint8)
+    tensors = []
+    for row in cells:
+        for cell in row:
             if cell.size != (cw, ch):
                 cell = cell.resize((cw, ch), Image.Resampling.NEAREST)
-            grid.paste(
-                cell, (padding + col * (cw + padding), padding + r * (ch + padding))
-            )
-    return save_image(grid, path)
+            tensors.append(TF.pil_to_tensor(cell))
+        tensors += [empty] * (ncols - len(row))
+    grid = make_grid(tensors, nrow=ncols, padding=padding, pad_value=pad_value)
+    return save_image(TF.to_pil_image(grid), path)
 
 
 def save_dense_visualizations(
@@ -250,7 +244,7 @@ def save_dense_visualizations(
     Args:
         images: Input images (normalised with ``mean`` / ``std``, or in [0, 1]).
             Shape: (B, 3, H, W).
-        features: Dense features of the images. Shape: (B, C, h, w).
+        features: Dense features of the images, channel-last. Shape: (B, h, w, D).
         out_dir: Output folder.
         query: ``(image index, row, column)`` of the selected patch; defaults to the
             centre patch of the first image.
@@ -270,7 +264,7 @@ def save_dense_visualizations(
             f"images must have shape (B={features.shape[0]}, 3, H, W), got "
             f"{tuple(images.shape)}."
         )
-    _, _, h, w = features.shape
+    _, h, w, _ = features.shape
     height, width = images.shape[-2:]
     if query is None:
         query = (0, h // 2, w // 2)

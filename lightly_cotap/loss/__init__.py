@@ -11,12 +11,16 @@ from lightly_cotap.loss.correspondence_criteria import (
     STEGOCorrelationLoss,
     TopKInfoNCELoss,
 )
-from lightly_cotap.loss.cossl_loss import CoSSLLoss, CoSSLLossTerms
+from lightly_cotap.loss.cossl_loss import CoSSLLoss, CoSSLLossComponents
 from lightly_cotap.loss.cotap_loss import CoTAPLoss
-from lightly_cotap.loss.cotap_objective import CoTAPObjective, CoTAPViewOutputs
+from lightly_cotap.loss.cotap_objective import (
+    CoTAPObjective,
+    CoTAPObjectiveComponents,
+    CoTAPViewOutputs,
+)
 from lightly_cotap.loss.cross_crop_cls_loss import CrossCropClsLoss
 from lightly_cotap.loss.cross_image_cls_loss import CrossImageClsLoss
-from lightly_cotap.loss.dsa_loss import DSALoss, DSALossTerms
+from lightly_cotap.loss.dsa_loss import DSALoss, DSALossComponents
 from lightly_cotap.loss.multi_patch_vicreg_loss import MultiPatchVICRegLoss
 from lightly_cotap.loss.patch_cluster_loss import PatchClusterLoss
 from lightly_cotap.loss.prototype_entropy_loss import PrototypeEntropyLoss
@@ -36,14 +40,15 @@ __all__ = [
     "STEGOCorrelationLoss",
     "TopKInfoNCELoss",
     "DSALoss",
-    "DSALossTerms",
+    "DSALossComponents",
     "MultiPatchVICRegLoss",
     "ClassAwareNTXentLoss",
     "CoSSLLoss",
-    "CoSSLLossTerms",
+    "CoSSLLossComponents",
     "ContinuousAPLoss",
     "CoTAPLoss",
     "CoTAPObjective",
+    "CoTAPObjectiveComponents",
     "CoTAPViewOutputs",
     "CrossCropClsLoss",
     "CrossImageClsLoss",

@@ -1,5 +1,8 @@
 """Pairwise ranking terms of the continuous-target AP loss.
 
+Over 400 lines: the dense reference path and the sort-based path with its analytic
+backward compute the same terms and are tested against each other.
+
 For a list of student scores ``s`` and teacher targets ``t`` (one or several
 independent lists, told apart by a ``row`` index) these functions compute, for
 every anchor ``i``,

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from lightly.loss import NTXentLoss
 from lightly.utils import dist
 from torch import Tensor
-from torch import distributed as torch_dist
 
 
 class ClassAwareNTXentLoss(NTXentLoss):
@@ -97,9 +96,7 @@ class ClassAwareNTXentLoss(NTXentLoss):
         if self.gather_distributed and dist.world_size() > 1:
             out0_large = torch.cat(dist.gather(out0), 0)
             out1_large = torch.cat(dist.gather(out1), 0)
-            gathered = [torch.empty_like(labels) for _ in range(dist.world_size())]
-            torch_dist.all_gather(gathered, labels.contiguous())
-            labels_large = torch.cat(gathered, 0)
+            labels_large = torch.cat(dist.gather(labels.contiguous()), 0)
             diag_mask = dist.eye_rank(batch_size, device=device)
             offset = dist.rank() * batch_size
         else:

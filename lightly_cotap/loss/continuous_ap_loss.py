@@ -302,6 +302,15 @@ def validate_list_inputs(
     targets without grad; a bool mask. Finite values and non-negative weights among
     the valid items are checked only with value checks on
     (:func:`~lightly_cotap.loss.value_checks`).
+
+    Args:
+        scores: Scores of the list. Shape: (n,) or (B, n).
+        targets: Continuous targets. Same shape.
+        weights: Optional anchor weights. Same shape.
+        mask: Optional bool validity mask. Same shape.
+
+    Raises:
+        ValueError: If a shape, dtype or (with value checks) a value is invalid.
     """
     if not isinstance(scores, Tensor) or not scores.is_floating_point():
         raise ValueError(

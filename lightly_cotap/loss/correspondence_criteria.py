@@ -1,5 +1,8 @@
 """Criteria that score a list of patch-pair similarities against teacher targets.
 
+Over 400 lines: six small exchangeable criteria of one interface, kept side by side
+so that their conventions (shapes, weights, masks) stay the same.
+
 :class:`~lightly_cotap.loss.CoTAPLoss` builds a list of student similarities
 (``scores``) and teacher similarities (``targets``) of patch pairs, with anchor
 weights, and hands it to a criterion. Its default criterion is the continuous-target

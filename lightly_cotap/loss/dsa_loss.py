@@ -1,4 +1,8 @@
-"""Loss of the Dynamic Semantic Adjuster (DSA)."""
+"""Loss of the Dynamic Semantic Adjuster (DSA).
+
+Over 400 lines: one loss and its two term functions; most of the length is the
+documentation of the choices that differ from the authors' code.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,15 @@ from torch import Tensor, nn
 from lightly_cotap.models.modules.dsa_regulator import DSA_BLOCKS, good_neighbor_scores
 
 
-class DSALossTerms(NamedTuple):
-    """The terms of :class:`DSALoss`; ``total`` is what ``forward`` returns."""
+class DSALossComponents(NamedTuple):
+    """The components of :class:`DSALoss`; ``total`` is what ``forward`` returns.
+
+    Attributes:
+        total: ``base + lambda1 * weighted + lambda2 * regularization``.
+        base: The NT-Xent term.
+        weighted: The weighted aggregation / separation term (before lambda1).
+        regularization: The regulator regularisation (before lambda2).
+    """
 
     total: Tensor
     base: Tensor
@@ -222,7 +233,7 @@ class DSALoss(nn.Module):
                 ``reference_origin`` and ``scores`` is given, or if the batch has
                 at most ``k`` samples.
         """
-        return self.terms(
+        return self.forward_components(
             out0=out0,
             out1=out1,
             aggregation=aggregation,
@@ -232,7 +243,7 @@ class DSALoss(nn.Module):
             scores=scores,
         ).total
 
-    def terms(
+    def forward_components(
         self,
         *,
         out0: Tensor,
@@ -242,12 +253,25 @@ class DSALoss(nn.Module):
         reference1: Tensor,
         reference_origin: Tensor | None = None,
         scores: Tensor | None = None,
-    ) -> DSALossTerms:
-        """Same as ``forward`` but returns all terms (for logging).
+    ) -> DSALossComponents:
+        """Computes the DSA loss and its terms (for logging).
+
+        Args:
+            out0: See :meth:`forward`.
+            out1: See :meth:`forward`.
+            aggregation: See :meth:`forward`.
+            reference0: See :meth:`forward`.
+            reference1: See :meth:`forward`.
+            reference_origin: See :meth:`forward`.
+            scores: See :meth:`forward`.
 
         Returns:
-            ``DSALossTerms(total, base, weighted, regularization)``; ``weighted``
-            and ``regularization`` are unweighted (before lambda1 / lambda2).
+            ``DSALossComponents(total, base, weighted, regularization)``;
+            ``weighted`` and ``regularization`` are unweighted (before lambda1 /
+            lambda2), ``total`` is what :meth:`forward` returns.
+
+        Raises:
+            ValueError: See :meth:`forward`.
         """
         if out0.ndim != 2 or out0.shape != out1.shape:
             raise ValueError(
@@ -310,7 +334,7 @@ class DSALoss(nn.Module):
         ).to(aggregation.dtype)
         regularization = torch.linalg.matrix_norm(aggregation - reference).sum()
         total = base + self.lambda1 * weighted + self.lambda2 * regularization
-        return DSALossTerms(
+        return DSALossComponents(
             total=total, base=base, weighted=weighted, regularization=regularization
         )
 

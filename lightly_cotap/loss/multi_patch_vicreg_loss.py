@@ -30,10 +30,11 @@ class MultiPatchVICRegLoss(nn.Module):
     the 2 / n keeps VICReg's "sum over the two branches" scale of the
     covariance term.
 
-    How [0] pools the variance / covariance statistics was not recovered:
-    ``var_cov="per_patch"`` (default) computes them per patch slot and
-    averages, ``"pooled"`` computes them once over all B * n projections (with
-    the same 2x covariance scale).
+    Design decision: ``var_cov="per_patch"`` (default) computes the variance /
+    covariance statistics per patch slot and averages them, so every slot is a
+    (B, D) batch as in VICReg and the loss at n = 2 is Lightly's VICReg loss;
+    ``"pooled"`` computes them once over all B * n projections (with the same 2x
+    covariance scale), which regularises the bag of patches as one distribution.
 
     - [0]: Chen et al., Bag of Image Patch Embedding Behind the Success of
       Self-Supervised Learning, 2023, https://arxiv.org/abs/2206.08954
@@ -71,6 +72,15 @@ class MultiPatchVICRegLoss(nn.Module):
         eps: float = 1e-4,
     ) -> None:
         """Initializes the MultiPatchVICRegLoss with the specified parameters.
+
+        Args:
+            lambda_param: Scaling coefficient of the invariance term.
+            mu_param: Scaling coefficient of the variance term.
+            nu_param: Scaling coefficient of the covariance term.
+            var_cov: ``"per_patch"`` or ``"pooled"`` statistics.
+            gather_distributed: Use the projections of all processes for the
+                variance and covariance statistics.
+            eps: Epsilon for numerical stability.
 
         Raises:
             ValueError: If ``var_cov`` is unknown, or gather_distributed is True

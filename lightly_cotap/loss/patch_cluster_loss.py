@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+from lightly.utils import dist
 from torch import Tensor, nn
 
-from lightly_cotap.transforms.cotap_transform import (
+from lightly_cotap.transforms.crop_alignment import (
     crop_pair_grid_boxes,
     resample_crop_features,
 )
@@ -19,7 +20,7 @@ class PatchClusterLoss(nn.Module):
     local) of the same image, the teacher's Sinkhorn codes of crop ``c`` and the
     student's prototype scores of crop ``v`` are RoI-aligned onto an
     ``output_size x output_size`` grid over the intersection of the two crops
-    (:func:`~lightly_cotap.transforms.cotap_transform.crop_pair_grid_boxes`,
+    (:func:`~lightly_cotap.transforms.crop_alignment.crop_pair_grid_boxes`,
     Lightly's ``roi_resample_to_grid``). The student's aligned scores go through
     ``log_softmax(. / temperature)`` and the cross-entropy ``-sum_k q_k log p_k``
     is averaged over the aligned cells where the RoI-aligned teacher foreground
@@ -53,9 +54,9 @@ class PatchClusterLoss(nn.Module):
     Examples:
         >>> loss_fn = PatchClusterLoss()
         >>> loss = loss_fn(
-        ...     teacher_codes=codes,          # (B, 2, 512, 14, 14)
-        ...     student_global=s_global,      # (B, 2, 512, 14, 14)
-        ...     student_local=s_local,        # (B, 4, 512, 6, 6)
+        ...     teacher_codes=codes,          # (B, 2, 14, 14, 512)
+        ...     student_global=s_global,      # (B, 2, 14, 14, 512)
+        ...     student_local=s_local,        # (B, 4, 6, 6, 512)
         ...     crop_boxes=views["boxes"],    # (B, 6, 4)
         ...     fg_mask=teacher_fg,           # (B, 2, 14, 14)
         ... )
@@ -116,14 +117,14 @@ class PatchClusterLoss(nn.Module):
 
         Args:
             teacher_codes: Teacher Sinkhorn codes of the G global crops (rows sum to
-                1 over K). Shape: (B, G, K, h, w).
+                1 over K). Shape: (B, G, h, w, K).
             student_global: Student prototype scores of the global crops.
-                Shape: (B, G, K, h, w).
+                Shape: (B, G, h, w, K).
             crop_boxes: Boxes ``(x0, y0, x1, y1)`` of all ``V = G + L`` crops in
                 original-image pixels, globals first (``CoTAPTransform``'s
                 ``boxes``). Shape: (B, V, 4).
             student_local: Student prototype scores of the L local crops, or None.
-                Shape: (B, L, K, h_l, w_l).
+                Shape: (B, L, h_l, w_l, K).
             fg_mask: Teacher foreground mask of the global crops (bool or float in
                 [0, 1]); None keeps every cell. Shape: (B, G, h, w).
             flipped: Horizontal-flip flags of the crops (``CoTAPTransform``'s
@@ -143,7 +144,7 @@ class PatchClusterLoss(nn.Module):
             fg_mask=fg_mask,
             flipped=flipped,
         )
-        b, g, _, h, w = student_global.shape
+        b, g, h, w, _ = student_global.shape
         num_local = 0 if student_local is None else student_local.shape[1]
         num_crops = g + num_local
         if num_crops < 2:
@@ -175,7 +176,7 @@ class PatchClusterLoss(nn.Module):
         flipped: Tensor | None,
     ) -> Tensor:
         """Sum over (teacher crop, other crop) pairs of the masked mean CE."""
-        b, g, _, h, w = student_global.shape
+        b, g, h, w, _ = student_global.shape
         num_crops = g + (0 if student_local is None else student_local.shape[1])
         size = self.output_size
         mask = (
@@ -194,7 +195,7 @@ class PatchClusterLoss(nn.Module):
                     student_global[:, v] if v < g else student_local[:, v - g]  # type: ignore[index]
                 )
                 box_c, box_v, valid = crop_pair_grid_boxes(
-                    crop_boxes, c, v, (h, w), tuple(student.shape[-2:]), flipped
+                    crop_boxes, c, v, (h, w), tuple(student.shape[1:3]), flipped
                 )
                 flip_c = None if flipped is None else flipped[:, c]
                 flip_v = None if flipped is None else flipped[:, v]
@@ -202,7 +203,7 @@ class PatchClusterLoss(nn.Module):
                     teacher_codes[:, c], box_c, size, size, flip_c
                 )
                 keep = resample_crop_features(
-                    mask[:, c, None], box_c, size, size, flip_c
+                    mask[:, c, ..., None], box_c, size, size, flip_c
                 )[..., 0]
                 keep = (keep >= self.fg_threshold - 1e-6) & valid[:, None]
                 logits = resample_crop_features(student, box_v, size, size, flip_v)
@@ -212,6 +213,7 @@ class PatchClusterLoss(nn.Module):
                 count = kept.sum().detach()
                 if self.gather_distributed and _world_size() > 1:
                     count = count.clone()
+                    # lightly.utils.dist has no all_reduce.
                     torch.distributed.all_reduce(count)
                     count = count / _world_size()
                 total = total + (cross_entropy * kept).sum() / count.clamp_min(1.0)
@@ -219,8 +221,6 @@ class PatchClusterLoss(nn.Module):
 
 
 def _world_size() -> int:
-    from lightly.utils import dist
-
     return int(dist.world_size())
 
 
@@ -236,7 +236,7 @@ def _validate(
     """Raises ValueError for inputs the loss cannot use."""
     if student_global.dim() != 5:
         raise ValueError(
-            "student_global must have shape (B, G, K, h, w), got "
+            "student_global must have shape (B, G, h, w, K), got "
             f"{tuple(student_global.shape)}."
         )
     if teacher_codes.shape != student_global.shape:
@@ -244,17 +244,17 @@ def _validate(
             f"teacher_codes must have the shape of student_global "
             f"{tuple(student_global.shape)}, got {tuple(teacher_codes.shape)}."
         )
-    b, g, k, h, w = student_global.shape
+    b, g, h, w, k = student_global.shape
     num_crops = g
     if student_local is not None:
         if (
             student_local.dim() != 5
             or student_local.shape[0] != b
-            or student_local.shape[2] != k
+            or student_local.shape[4] != k
         ):
             raise ValueError(
-                f"student_local must have shape (B, L, K, h_l, w_l) = ({b}, L, {k}, "
-                f"h_l, w_l), got {tuple(student_local.shape)}."
+                f"student_local must have shape (B, L, h_l, w_l, K) = ({b}, L, h_l, "
+                f"w_l, {k}), got {tuple(student_local.shape)}."
             )
         num_crops += student_local.shape[1]
     if tuple(crop_boxes.shape) != (b, num_crops, 4):

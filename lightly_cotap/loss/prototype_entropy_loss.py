@@ -44,6 +44,10 @@ class PrototypeEntropyLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, eps: float = 1e-5) -> None:
         """Initializes the PrototypeEntropyLoss with the specified parameters.
 
+        Args:
+            temperature: Softmax temperature of the cosine similarities, > 0.
+            eps: Epsilon of the L2 normalisation, >= 0.
+
         Raises:
             ValueError: If the temperature is (close to) zero or negative, or eps is
                 negative.

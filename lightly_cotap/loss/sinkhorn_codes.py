@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.utils import dist
 from torch import Tensor
 
 from lightly_cotap.loss.value_checks import value_checks_enabled
@@ -53,7 +54,7 @@ class SinkhornCodes(MemoryBankModule):
     Examples:
         >>> codes_fn = SinkhornCodes(num_prototypes=512, queue_size=65536,
         ...                          queue_update_size=2048, epsilon=0.05)
-        >>> scores = teacher_patch_scores.permute(0, 2, 3, 1).flatten(0, 2)  # (N, K)
+        >>> scores = teacher_patch_scores.flatten(0, 2)  # (B, h, w, K) -> (N, K)
         >>> codes = codes_fn(scores, enqueue_mask=fg_mask.flatten())
     """
 
@@ -198,14 +199,11 @@ class SinkhornCodes(MemoryBankModule):
         """
         if out.shape[0] == 0:
             return out.clone()
-        distributed = (
-            self.sinkhorn_gather_distributed
-            and torch.distributed.is_available()
-            and torch.distributed.is_initialized()
-        )
+        distributed = self.sinkhorn_gather_distributed and dist.world_size() > 1
         neg_inf = out.new_full((), float("-inf"))
         shift = torch.where(valid[:, None], out, neg_inf).amax()
         if distributed:
+            # lightly.utils.dist has no all_reduce.
             torch.distributed.all_reduce(shift, op=torch.distributed.ReduceOp.MAX)
         q = torch.where(valid[:, None], torch.exp((out - shift) / self.epsilon), 0.0)
         q = q.t()  # (K, N)

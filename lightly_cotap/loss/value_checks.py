@@ -26,14 +26,22 @@ def value_checks_enabled() -> bool:
 
 
 def set_value_checks(enabled: bool) -> None:
-    """Turns the value checks of all losses on or off for this process."""
+    """Turns the value checks of all losses on or off for this process.
+
+    Args:
+        enabled: Check the input values (finite values, non-negative weights).
+    """
     global _enabled
     _enabled = bool(enabled)
 
 
 @contextmanager
 def value_checks(enabled: bool = True) -> Iterator[None]:
-    """Turns the value checks on (or off) inside the block, restoring them after."""
+    """Turns the value checks on (or off) inside the block, restoring them after.
+
+    Args:
+        enabled: The setting inside the block.
+    """
     previous = _enabled
     set_value_checks(enabled)
     try:

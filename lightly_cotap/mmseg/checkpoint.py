@@ -7,11 +7,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightly_cotap.atomic_write import save_torch
-from lightly_cotap.models.cotap_vit import (
-    GENERIC_ARCH,
-    CoTAPVisionTransformer,
-    timm_overrides,
-)
+from lightly_cotap.models.cotap_vit import CoTAPVisionTransformer
+from lightly_cotap.models.cotap_vit_meta import GENERIC_ARCH, timm_overrides
 
 #: Where a :class:`~lightly_cotap.mmseg.backbone.CoTAPViT` keeps the plugin model
 #: inside an mmseg segmentor (``EncoderDecoder.backbone.model``).
@@ -26,9 +23,9 @@ def mmseg_backbone_cfg(
     ``arch`` plus the ``timm_kwargs`` that differ from its timm defaults (e.g. the
     demo's ``vit_tiny_patch16_224`` with ``patch_size=8, embed_dim=96, depth=4``),
     ``img_size`` = the size the position embedding was trained at, and the filter
-    settings (and ``conv_stem=True`` for a convolutional stem). The widths the heads need follow from it: the last level has
-    ``out_dim`` channels (2 x embed_dim with the filter), earlier levels
-    ``embed_dim`` (see :func:`mmseg_in_channels`).
+    settings (and ``conv_stem=True`` for a convolutional stem). The widths the heads
+    need follow from it: the last level has ``out_dim`` channels (2 x embed_dim
+    with the filter), earlier levels ``embed_dim`` (see :func:`mmseg_in_channels`).
 
     Args:
         model: The plugin model, or its :meth:`CoTAPVisionTransformer.get_meta`

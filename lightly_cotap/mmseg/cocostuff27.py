@@ -35,6 +35,10 @@ from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
+from tqdm import tqdm
+
+from lightly_cotap.atomic_write import save_image
 
 #: Names of the 27 coarse classes, by coarse id (0-11 things, 12-26 stuff).
 COARSE_CLASSES: tuple[str, ...] = (
@@ -90,7 +94,11 @@ LABEL_SUFFIX = "_labelTrainIds27.png"
 
 
 def coarse_palette() -> list[list[int]]:
-    """PASCAL-VOC colour map for the 27 coarse classes (as STEGO plots them)."""
+    """PASCAL-VOC colour map for the 27 coarse classes (as STEGO plots them).
+
+    Returns:
+        One ``[r, g, b]`` colour per coarse class.
+    """
     palette = []
     for index in range(len(COARSE_CLASSES)):
         color = [0, 0, 0]
@@ -106,7 +114,8 @@ def coarse_palette() -> list[list[int]]:
 def fine_to_coarse_lut() -> NDArray[np.uint8]:
     """Look-up table from raw label value (0-255) to coarse id or 255.
 
-    Shape: (256,).
+    Returns:
+        The table. Shape: (256,).
     """
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[:NUM_FINE_CLASSES] = np.asarray(FINE_TO_COARSE, dtype=np.uint8)
@@ -140,10 +149,6 @@ def convert_label_map(fine: NDArray[np.integer]) -> NDArray[np.uint8]:
 
 
 def _convert_file(src: str) -> str:
-    from PIL import Image
-
-    from lightly_cotap.atomic_write import save_image
-
     dst = src[: -len(".png")] + LABEL_SUFFIX
     with Image.open(src) as image:
         fine = np.asarray(image)
@@ -177,8 +182,6 @@ def convert_folder(root: str | os.PathLike[str], nproc: int = 1) -> list[str]:
     )
     if not sources:
         raise ValueError(f"No raw label maps (*.png) found below {root}.")
-    from tqdm import tqdm
-
     if nproc == 1:
         return [_convert_file(s) for s in tqdm(sources, desc="COCO-Stuff-27")]
     with ProcessPoolExecutor(nproc) as pool:
@@ -192,7 +195,11 @@ def convert_folder(root: str | os.PathLike[str], nproc: int = 1) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry point of the converter."""
+    """Command line entry point of the converter.
+
+    Args:
+        argv: Command line arguments (default: ``sys.argv[1:]``).
+    """
     parser = argparse.ArgumentParser(
         prog="python -m lightly_cotap.mmseg.convert_cocostuff27",
         description="Convert raw COCO-Stuff 164k label maps (0-181) to the 27 "

@@ -146,8 +146,13 @@ def sigmoid_focal_loss_backward(
 ) -> None:
     """Gradient of :func:`sigmoid_focal_loss_forward` w.r.t. the logits.
 
-    Shapes as in :func:`sigmoid_focal_loss_forward`; ``grad_input`` (N, C) is
-    written in place.
+    Args:
+        input: Logits. Shape: (N, C).
+        target: Class indices. Shape: (N,).
+        weight: Class weights. Shape: (C,), or empty for none.
+        grad_input: Output, written in place. Shape: (N, C).
+        gamma: Focusing parameter.
+        alpha: Weight of the positive term.
     """
     p = input.sigmoid()
     classes = torch.arange(input.shape[1], device=input.device)
@@ -250,7 +255,17 @@ def psamask_backward(
 ) -> None:
     """Gradient of :func:`psamask_forward`; ``grad_input`` is written in place.
 
-    Shapes: grad_output (N, H * W, H, W), grad_input (N, h_mask * w_mask, H, W).
+    Args:
+        grad_output: Gradient of the output. Shape: (N, H * W, H, W).
+        grad_input: Output, written in place. Shape: (N, h_mask * w_mask, H, W).
+        psa_type: 0 (collect) or 1 (distribute), as in mmcv.
+        num_: Batch size N.
+        h_feature: Feature height H.
+        w_feature: Feature width W.
+        h_mask: Mask height.
+        w_mask: Mask width.
+        half_h_mask: ``(h_mask - 1) // 2``.
+        half_w_mask: ``(w_mask - 1) // 2``.
     """
     if psa_type == 1:
         grad_output = _transpose_positions(grad_output, h_feature, w_feature)
@@ -269,12 +284,20 @@ def psamask_backward(
 
 
 def get_compiler_version() -> str:
-    """Stand-in for mmcv's build-info kernel (used by environment reports)."""
+    """Stand-in for mmcv's build-info kernel (used by environment reports).
+
+    Returns:
+        A note that no compiled ops are present.
+    """
     return "n/a (mmcv-lite, pure-PyTorch stand-ins from lightly_cotap)"
 
 
 def get_compiling_cuda_version() -> str:
-    """Stand-in for mmcv's build-info kernel (used by environment reports)."""
+    """Stand-in for mmcv's build-info kernel (used by environment reports).
+
+    Returns:
+        A note that no compiled ops are present.
+    """
     return "n/a (mmcv-lite)"
 
 
@@ -311,12 +334,19 @@ def _make_ext_module() -> _StandInExtModule:
 
 
 def is_patched() -> bool:
-    """Whether :func:`apply` installed the stand-in ``mmcv._ext``."""
+    """Whether :func:`apply` installed the stand-in ``mmcv._ext``.
+
+    Returns:
+        True if the stand-in is installed.
+    """
     return isinstance(sys.modules.get(EXT_MODULE_NAME), _StandInExtModule)
 
 
 def has_compiled_ops() -> bool:
     """Whether the installed mmcv ships its compiled extension (full mmcv).
+
+    Returns:
+        True for a full mmcv, False for mmcv-lite or the stand-in.
 
     Raises:
         ImportError: If mmcv is not installed at all.

@@ -36,4 +36,11 @@ class COCOStuff27Dataset(BaseSegDataset):  # type: ignore[misc]
         seg_map_suffix: str = LABEL_SUFFIX,
         **kwargs: Any,
     ) -> None:
+        """Initializes the dataset.
+
+        Args:
+            img_suffix: Suffix of the image files.
+            seg_map_suffix: Suffix of the converted 27-class label maps.
+            **kwargs: Further ``BaseSegDataset`` arguments (``data_root``, ...).
+        """
         super().__init__(img_suffix=img_suffix, seg_map_suffix=seg_map_suffix, **kwargs)

@@ -49,6 +49,16 @@ class CoTAPLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):  #
     def __init__(
         self, optim_wrapper_cfg: dict[str, Any], paramwise_cfg: dict[str, Any] | None
     ) -> None:
+        """Initializes the constructor.
+
+        Args:
+            optim_wrapper_cfg: mmengine's optimiser wrapper config.
+            paramwise_cfg: ``dict(layer_decay_rate=...)`` (default rate 0.65).
+
+        Raises:
+            ValueError: If ``paramwise_cfg`` has other keys or the rate is not in
+                (0, 1].
+        """
         paramwise_cfg = dict(paramwise_cfg or {})
         unknown = set(paramwise_cfg) - {"layer_decay_rate"}
         if unknown:
@@ -65,7 +75,16 @@ class CoTAPLayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):  #
     def add_params(
         self, params: list[dict[str, Any]], module: nn.Module, **kwargs: Any
     ) -> None:
-        """Adds one parameter group per (layer id, weight decay) to ``params``."""
+        """Adds one parameter group per (layer id, weight decay) to ``params``.
+
+        Args:
+            params: The parameter groups, extended in place.
+            module: The segmentor (its ``backbone`` must be a CoTAPViT).
+            **kwargs: Unused (mmengine's signature).
+
+        Raises:
+            ValueError: If the backbone is not a CoTAPViT or is frozen.
+        """
         backbone = getattr(module, "backbone", None)
         if not isinstance(backbone, CoTAPViT):
             raise ValueError(
@@ -128,12 +147,20 @@ class FrozenBackboneCheckHook(Hook):  # type: ignore[misc]
     priority = "VERY_HIGH"
 
     def __init__(self) -> None:
+        """Initializes the hook (nothing recorded yet)."""
         self._fingerprints: dict[str, torch.Tensor] = {}
         self._backbone: CoTAPViT | None = None
         self._checked_first_iter = False
 
     def before_train(self, runner: Any) -> None:
-        """Checks ``requires_grad`` and records the parameter fingerprints."""
+        """Checks ``requires_grad`` and records the parameter fingerprints.
+
+        Args:
+            runner: The mmengine runner.
+
+        Raises:
+            RuntimeError: If a frozen backbone has trainable parameters.
+        """
         backbone = getattr(_unwrap(runner.model), "backbone", None)
         if not isinstance(backbone, CoTAPViT) or not backbone.frozen:
             self._backbone = None
@@ -156,13 +183,24 @@ class FrozenBackboneCheckHook(Hook):  # type: ignore[misc]
         data_batch: Any = None,
         outputs: Any = None,
     ) -> None:
-        """Compares the fingerprints after the first iteration."""
+        """Compares the fingerprints after the first iteration.
+
+        Args:
+            runner: The mmengine runner.
+            batch_idx: Index of the iteration.
+            data_batch: Unused (mmengine's signature).
+            outputs: Unused (mmengine's signature).
+        """
         if self._backbone is not None and not self._checked_first_iter:
             self._checked_first_iter = True
             self._compare(runner)
 
     def after_train(self, runner: Any) -> None:
-        """Compares the fingerprints at the end of training."""
+        """Compares the fingerprints at the end of training.
+
+        Args:
+            runner: The mmengine runner.
+        """
         if self._backbone is not None:
             self._compare(runner)
 

@@ -91,11 +91,25 @@ class QuietRunner(Runner):  # type: ignore[misc]
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Initializes the runner with the irrelevant warnings ignored.
+
+        Args:
+            *args: mmengine ``Runner`` arguments.
+            **kwargs: mmengine ``Runner`` keyword arguments.
+        """
         ignore_irrelevant_warnings()
         super().__init__(*args, **kwargs)
 
     def build_logger(self, *args: Any, **kwargs: Any) -> MMLogger:
-        """Builds mmengine's logger and adds :class:`IrrelevantLogFilter`."""
+        """Builds mmengine's logger and adds :class:`IrrelevantLogFilter`.
+
+        Args:
+            *args: mmengine ``build_logger`` arguments.
+            **kwargs: mmengine ``build_logger`` keyword arguments.
+
+        Returns:
+            The logger.
+        """
         logger = super().build_logger(*args, **kwargs)
         if not any(isinstance(f, IrrelevantLogFilter) for f in logger.filters):
             logger.addFilter(IrrelevantLogFilter())

@@ -10,8 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from lightly_cotap.export import build_model_from_checkpoint
 from lightly_cotap.mmseg_config.data import IGNORE_INDEX, MMSegConfigError, scan_data
 from lightly_cotap.mmseg_config.render import HEADS, level_indices, render_config
+from lightly_cotap.models.checkpoint_files import (
+    CheckpointFileError,
+    load_checkpoint_file,
+)
+from lightly_cotap.user_errors import checkpoint_error
 
 #: Iterations of ``--iters`` when not given (the shipped schedules).
 DEFAULT_ITERS = {"linear": 20000, "fcn": 40000, "upernet": 40000}
@@ -97,10 +105,6 @@ def checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         MMSegConfigError: If the file is missing or holds neither.
     """
-    from lightly_cotap.export import build_model_from_checkpoint
-    from lightly_cotap.models.utils import CheckpointFileError, load_checkpoint_file
-    from lightly_cotap.user_errors import checkpoint_error
-
     if not Path(path).is_file():
         raise MMSegConfigError(f"--checkpoint {str(path)!r} is not a file.")
     try:
@@ -235,8 +239,6 @@ def run_mmseg_config(args: argparse.Namespace) -> Path:
 def _use_gpu(device: str) -> bool:
     if device != "auto":
         return device == "gpu"
-    import torch
-
     return bool(torch.cuda.is_available())
 
 
@@ -253,7 +255,7 @@ def check_config(path: Path, num_classes: int) -> None:
     Raises:
         RuntimeError: If the model's output does not have ``num_classes`` channels.
     """
-    import torch
+    # mmengine / mmseg are the optional mmseg extra: imported when a config is checked.
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
     from mmseg.registry import MODELS

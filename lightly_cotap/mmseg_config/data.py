@@ -7,7 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightly_cotap.data.segmentation_folder import SegmentationFolder, read_mask_values
+from lightly_cotap.data.segmentation_folder import SegmentationFolder
+from lightly_cotap.eval.mask_labels import MaskScan, decide_classes, scan_masks
+from lightly_cotap.user_errors import UsageError
 
 #: Mask value that is not scored (mmseg's default ignore_index).
 IGNORE_INDEX = 255
@@ -45,6 +47,14 @@ class DataSummary:
 def scan_data(root: str | os.PathLike[str]) -> DataSummary:
     """Checks the layout of ``--data`` and finds the suffixes and classes.
 
+    Every mask is read once by the evaluation's scanner
+    (:func:`~lightly_cotap.eval.mask_labels.scan_masks`: single-channel, the size of
+    its image) and the classes are fixed by
+    :func:`~lightly_cotap.eval.mask_labels.decide_classes`: declared by a
+    ``classes.json`` in ``--data``, else inferred only from gap-free labels
+    ``0..N`` (one stray value is an error, not extra classes). ``255`` is always
+    ignored, as in the configs.
+
     Args:
         root: The data folder.
 
@@ -52,9 +62,9 @@ def scan_data(root: str | os.PathLike[str]) -> DataSummary:
         The summary.
 
     Raises:
-        MMSegConfigError: If a folder is missing, an image has no mask, the
-            suffixes are mixed, a mask is not single-channel, or the classes do
-            not fit the masks.
+        MMSegConfigError: If a folder is missing, an image has no mask or does not
+            decode, the suffixes are mixed, a mask is not single-channel or not the
+            size of its image, or the classes do not fit the masks.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -62,7 +72,7 @@ def scan_data(root: str | os.PathLike[str]) -> DataSummary:
     num_images: dict[str, int] = {}
     img_suffixes: set[str] = set()
     mask_suffixes: set[str] = set()
-    values: set[int] = set()
+    scan: MaskScan | None = None
     for split in SPLITS:
         try:
             folder = SegmentationFolder(
@@ -76,19 +86,42 @@ def scan_data(root: str | os.PathLike[str]) -> DataSummary:
         num_images[split] = len(folder.samples)
         img_suffixes |= {image.suffix for image, _ in folder.samples}
         mask_suffixes |= {mask.suffix for _, mask in folder.samples}
-        for _, mask in folder.samples:
-            try:
-                values |= read_mask_values(mask)
-            except ValueError as ex:
-                raise MMSegConfigError(str(ex)) from ex
+        try:
+            scan = scan_masks(folder.samples, "--data", "--data", scan)
+        except UsageError as ex:
+            raise MMSegConfigError(str(ex)) from ex
     for kind, suffixes in (("images", img_suffixes), ("masks", mask_suffixes)):
         if len(suffixes) > 1:
             raise MMSegConfigError(
                 f"the {kind} of --data have the suffixes {sorted(suffixes)}; mmseg "
                 "reads one suffix per folder: convert them to one format."
             )
-    values.discard(IGNORE_INDEX)
-    names, source = _class_names(root, values)
+    assert scan is not None
+    if not scan.values - {IGNORE_INDEX}:
+        raise MMSegConfigError(
+            f"every mask pixel of --data is {IGNORE_INDEX} (ignored): no classes."
+        )
+    names_file = root / "classes.json"
+    names = _class_names_file(names_file) if names_file.is_file() else None
+    try:
+        decision = decide_classes(
+            scan,
+            num_classes=None if names is None else len(names),
+            declared_by=str(names_file),
+            ignore_index=IGNORE_INDEX,
+            ignore_index_given=True,  # the configs always ignore 255
+            ignore_unknown=False,  # the configs read the raw mask values
+            declare_hint=f"a {names_file.name} in --data",
+            ignore_unknown_hint=None,
+            ignore_option="the ignore value",
+        )
+    except UsageError as ex:
+        raise MMSegConfigError(str(ex)) from ex
+    if names is not None:
+        source = f"{names_file.name} ({len(names)} names)"
+    else:
+        names = [str(c) for c in range(decision.num_classes)]
+        source = f"the mask values {_ranges(sorted(scan.values - {IGNORE_INDEX}))}"
     return DataSummary(
         root=root,
         num_images=num_images,
@@ -99,37 +132,19 @@ def scan_data(root: str | os.PathLike[str]) -> DataSummary:
     )
 
 
-def _class_names(root: Path, values: set[int]) -> tuple[list[str], str]:
-    """Class names from ``classes.json``, else one per id up to the largest."""
-    if not values:
+def _class_names_file(path: Path) -> list[str]:
+    """The class names of a ``classes.json``: a list or ``{"class_names": [...]}``."""
+    try:
+        content = json.loads(path.read_text())
+    except ValueError as ex:
+        raise MMSegConfigError(f"{str(path)!r} is not valid JSON: {ex}") from ex
+    names = content.get("class_names") if isinstance(content, dict) else content
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise MMSegConfigError(
-            f"every mask pixel of --data is {IGNORE_INDEX} (ignored): no classes."
+            f"{str(path)!r} must hold a list of class names or "
+            '{"class_names": [...]}.'
         )
-    path = root / "classes.json"
-    if path.is_file():
-        try:
-            content = json.loads(path.read_text())
-        except ValueError as ex:
-            raise MMSegConfigError(f"{str(path)!r} is not valid JSON: {ex}") from ex
-        names = content.get("class_names") if isinstance(content, dict) else content
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise MMSegConfigError(
-                f"{str(path)!r} must hold a list of class names or "
-                '{"class_names": [...]}.'
-            )
-        if max(values) >= len(names):
-            raise MMSegConfigError(
-                f"the masks hold class ids up to {max(values)} but {str(path)!r} "
-                f"names {len(names)} classes."
-            )
-        return list(names), f"{path.name} ({len(names)} names)"
-    num_classes = max(values) + 1
-    if num_classes < 2:
-        raise MMSegConfigError(
-            "the masks of --data hold only class 0; segmentation needs at least 2."
-        )
-    names = [str(c) for c in range(num_classes)]
-    return names, f"the mask values {_ranges(sorted(values))}"
+    return list(names)
 
 
 def _ranges(values: list[int]) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lightly_cotap.mmseg_config.data import DataSummary, MMSegConfigError
+from lightly_cotap.models.cotap_vit_meta import GENERIC_ARCH, timm_overrides
 
 #: Heads of ``--head`` -> the model base of ``mmseg_configs/_base_/models`` and
 #: the schedule base of ``mmseg_configs/_base_/schedules``.
@@ -78,8 +79,6 @@ def render_config(
     Returns:
         Python source of an mmengine config.
     """
-    from lightly_cotap.models.cotap_vit import GENERIC_ARCH, timm_overrides
-
     width = int(meta["embed_dim"])
     last = 2 * width if meta["use_filter"] else width
     depth = int(meta["depth"])

@@ -1,4 +1,8 @@
-"""CoTAP vision transformer: a timm ViT with the object-aware filter."""
+"""CoTAP vision transformer: a timm ViT with the object-aware filter.
+
+Over 400 lines: one class whose public methods (forward, prototype initialisation,
+checkpoint loading, rebuilding from an export's meta) are each documented in full.
+"""
 
 from __future__ import annotations
 
@@ -7,41 +11,30 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
+from lightly.utils import dist
+from timm.models import is_model, is_model_in_modules
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
+from lightly_cotap.models.checkpoints import (
+    CheckpointLoadReport,
+    load_backbone_state_dict,
+)
+from lightly_cotap.models.cotap_vit_meta import (
+    META_FORMAT_VERSION,
+    check_meta,
+    timm_overrides,
+    vit_structure,
+)
+from lightly_cotap.models.foreground import foreground_mask_from_attention
+from lightly_cotap.models.kmeans import spherical_kmeans
 from lightly_cotap.models.modules.conv_stem import ConvStem, add_conv_stem
 from lightly_cotap.models.modules.object_aware_filter import ObjectAwareFilter
-from lightly_cotap.models.utils import (
-    CheckpointLoadReport,
-    foreground_mask_from_attention,
-    load_backbone_state_dict,
-    load_checkpoint_file,
-    spherical_kmeans,
-)
-
-#: Version of the ``meta`` dict written by :meth:`CoTAPVisionTransformer.get_meta`.
-META_FORMAT_VERSION = 1
-
-#: The ``timm.create_model`` argument that sets each structural field of the meta
-#: dict (``layer_scale`` is set through ``init_values``).
-TIMM_ARGUMENTS: dict[str, str] = {
-    "patch_size": "patch_size",
-    "embed_dim": "embed_dim",
-    "depth": "depth",
-    "num_heads": "num_heads",
-    "mlp_ratio": "mlp_ratio",
-    "qkv_bias": "qkv_bias",
-    "num_reg_tokens": "reg_tokens",
-    "no_embed_class": "no_embed_class",
-    "layer_scale": "init_values",
-}
-
-#: timm name whose defaults are those of timm's plain ``VisionTransformer``; stands
-#: in for a meta dict without a model name.
-GENERIC_ARCH = "vit_base_patch16_224"
+from lightly_cotap.models.modules.timm_attention import cls_to_patch_attention
 
 
 @dataclass
@@ -50,7 +43,7 @@ class CoTAPViTOutput:
 
     Attributes:
         cls: CLS feature. Shape: (B, out_dim).
-        dense: Dense patch features. Shape: (B, out_dim, H / p, W / p).
+        dense: Channel-last dense patch features. Shape: (B, H / p, W / p, out_dim).
         fg_mask: Foreground mask from the last block's CLS attention, if requested.
             Shape: (B, H / p, W / p), dtype bool.
         cls_attention: Head-averaged last-block attention of the CLS token to the
@@ -82,8 +75,6 @@ def vit_name_problem(name: str) -> str | None:
         ``None`` if ``name`` is a timm ``VisionTransformer``, else the problem
         (e.g. ``"is not a timm VisionTransformer; ..."`` for ``resnet50``).
     """
-    from timm.models import is_model, is_model_in_modules
-
     if not is_model(name):
         return (
             "is not a timm model name (e.g. vit_small_patch16_224; "
@@ -100,11 +91,11 @@ def vit_name_problem(name: str) -> str | None:
 class CoTAPVisionTransformer(nn.Module):
     """Vision transformer of CoTAP [0] over any timm ``VisionTransformer``.
 
-    Runs the timm ViT (patch embedding with dynamic image size, position embedding,
-    register tokens, blocks) and, with ``use_filter=True``, the
-    :class:`~lightly_cotap.models.modules.ObjectAwareFilter` on the outputs of the last
-    block, which doubles the feature width to 2D. Without the filter it returns the
-    plain ViT features of width D.
+    Runs the timm ViT through its public ``forward_features`` (patch embedding with
+    dynamic image size, position embedding, register tokens, blocks) and, with
+    ``use_filter=True``, the :class:`~lightly_cotap.models.modules.ObjectAwareFilter`
+    on the outputs of the last block, which doubles the feature width to 2D. Without
+    the filter it returns the plain ViT features of width D.
 
     Final norm: CoTAP's ViT ('depth' variant of the official code) has no final
     LayerNorm; the filter's output norms take its place. With the filter, timm's
@@ -132,7 +123,7 @@ class CoTAPVisionTransformer(nn.Module):
         >>> model.load_pretrained("dino_deitsmall16_pretrain.pth")  # local file
         >>> out = model(images, return_fg_mask=True)
         >>> out.cls.shape, out.dense.shape, out.fg_mask.shape
-        (torch.Size([B, 768]), torch.Size([B, 768, 14, 14]), torch.Size([B, 14, 14]))
+        (torch.Size([B, 768]), torch.Size([B, 14, 14, 768]), torch.Size([B, 14, 14]))
     """
 
     def __init__(
@@ -151,9 +142,10 @@ class CoTAPVisionTransformer(nn.Module):
 
         Args:
             vit: A timm model name (built with ``pretrained=False``, never downloads)
-                or a timm ``VisionTransformer`` instance. An instance is modified in
-                place: dynamic image size is enabled, its classifier is removed and,
-                with the filter, its final norm is replaced by ``nn.Identity``.
+                or a timm ``VisionTransformer`` instance built with
+                ``dynamic_img_size=True``. An instance is modified in place: its
+                classifier is removed and, with the filter, its final norm is
+                replaced by ``nn.Identity``.
             use_filter: Use the object-aware filter (output width 2D instead of D).
             num_prototypes: Number M of object prototypes (paper: 64).
             prototype_size: Spatial size k of the prototypes (paper: 3).
@@ -172,9 +164,6 @@ class CoTAPVisionTransformer(nn.Module):
             ValueError: If the ViT is not supported or an argument is invalid.
         """
         super().__init__()
-        import timm
-        from timm.models.vision_transformer import VisionTransformer
-
         if isinstance(vit, str):
             problem = vit_name_problem(vit)
             if problem is not None:
@@ -209,6 +198,10 @@ class CoTAPVisionTransformer(nn.Module):
         _prepare_vit(vit)
         self.vit = vit
         self.arch = arch
+        # Set by a forward pre-hook of the last block (registered once: a hook added
+        # per call would break torch.compile graphs).
+        self._last_block_input: Tensor | None = None
+        self.vit.blocks[-1].register_forward_pre_hook(self._keep_last_block_input)
         self.use_filter = use_filter
         self.filter: ObjectAwareFilter | None = None
         if use_filter:
@@ -303,39 +296,28 @@ class CoTAPVisionTransformer(nn.Module):
         self._check_images(images)
         if return_bank_features:
             self._require_filter()
-        vit = self.vit
-        x = vit.patch_embed(images)  # (B, h, w, D): dynamic image size -> NHWC
-        h, w = x.shape[1], x.shape[2]
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
-        blocks = list(vit.blocks)
-        use_checkpointing = (
-            getattr(vit, "grad_checkpointing", False)
-            and self.training
-            and torch.is_grad_enabled()
-        )
-        for block in blocks[:-1]:
-            if use_checkpointing:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-
+        h, w = images.shape[2] // self.patch_size, images.shape[3] // self.patch_size
         npt = self.num_prefix_tokens
+        x = self.vit.forward_features(images)  # final norm: Identity with filter
+        # The input of the last block gives the foreground mask and the bank samples.
+        before_last = self._last_block_input
+        self._last_block_input = None
+        assert before_last is not None
+
         bank_features = None
         if return_bank_features:
-            patch_map = self._to_map(x[:, npt:].detach(), h, w)
+            patch_map = (
+                before_last[:, npt:].detach().transpose(1, 2).unflatten(2, (h, w))
+            )
             k = self.prototype_size
             bank_features = F.adaptive_avg_pool2d(patch_map, (k, k)).flatten(1)
-
-        last = blocks[-1]
         cls_attention = None
         fg_mask = None
         if return_fg_mask:
-            cls_attention = _cls_to_patch_attention(last, x, npt)
+            cls_attention = cls_to_patch_attention(
+                self.vit.blocks[-1], before_last, npt
+            )
             fg_mask = foreground_mask_from_attention(cls_attention, grid_size=(h, w))
-        x = last(x)
-        x = vit.norm(x)  # Identity with the filter
 
         cls = x[:, 0]
         dense = self._to_map(x[:, npt:], h, w)
@@ -343,7 +325,7 @@ class CoTAPVisionTransformer(nn.Module):
             cls, dense = self.filter(cls, dense)
         return CoTAPViTOutput(
             cls=cls,
-            dense=dense,
+            dense=dense.permute(0, 2, 3, 1),  # channel-last (B, h, w, D)
             fg_mask=fg_mask,
             cls_attention=cls_attention,
             bank_features=bank_features,
@@ -386,10 +368,7 @@ class CoTAPVisionTransformer(nn.Module):
                 f"Need at least num_prototypes={flt.num_prototypes} samples, got "
                 f"{samples.shape[0]}."
             )
-        distributed = (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        )
-        if not distributed or torch.distributed.get_rank() == 0:
+        if dist.rank() == 0:
             centers, _ = spherical_kmeans(
                 samples,
                 num_clusters=flt.num_prototypes,
@@ -398,7 +377,8 @@ class CoTAPVisionTransformer(nn.Module):
                 progress=progress,
             )
             flt.set_prototypes(centers.to(flt.prototypes.dtype))
-        if distributed:
+        if dist.world_size() > 1:
+            # lightly.utils.dist has gather but no broadcast.
             torch.distributed.broadcast(flt.prototypes.data, src=0)
             flt.mark_initialized()
 
@@ -417,9 +397,9 @@ class CoTAPVisionTransformer(nn.Module):
 
         Supports timm state dicts, DINO/iBOT backbone and training checkpoints,
         official CoTAP checkpoints, lightly-cotap exports and Lightning ``.ckpt``
-        files (see :func:`lightly_cotap.models.utils.load_backbone_state_dict` for
-        the rules). A checkpoint without filter weights (e.g. DINO) leaves the filter
-        freshly initialised; initialise the prototypes with
+        files (see :func:`lightly_cotap.models.checkpoints.load_backbone_state_dict`
+        for the rules). A checkpoint without filter weights (e.g. DINO) leaves the
+        filter freshly initialised; initialise the prototypes with
         :meth:`init_prototypes_from_bank`.
 
         Args:
@@ -430,7 +410,7 @@ class CoTAPVisionTransformer(nn.Module):
             weights_only: Use ``torch.load(weights_only=True)`` for files.
 
         Returns:
-            A :class:`~lightly_cotap.models.utils.CheckpointLoadReport`.
+            A :class:`~lightly_cotap.models.checkpoints.CheckpointLoadReport`.
 
         Raises:
             ValueError: On shape mismatches or (strict) missing / unexpected keys.
@@ -451,24 +431,10 @@ class CoTAPVisionTransformer(nn.Module):
         Returns:
             A dict of primitive values from which :meth:`from_meta` rebuilds the model.
         """
-        vit = self.vit
-        block = vit.blocks[0]
-        attn = block.attn
-        from timm.layers import LayerScale
-
         return {
             "format_version": META_FORMAT_VERSION,
             "arch": self.arch,
-            "img_size": [int(s) for s in vit.patch_embed.img_size],
-            "patch_size": self.patch_size,
-            "embed_dim": self.embed_dim,
-            "depth": len(vit.blocks),
-            "num_heads": int(attn.num_heads),
-            "mlp_ratio": float(block.mlp.fc1.out_features) / self.embed_dim,
-            "qkv_bias": attn.qkv.bias is not None,
-            "num_reg_tokens": int(vit.num_reg_tokens),
-            "no_embed_class": bool(vit.no_embed_class),
-            "layer_scale": isinstance(block.ls1, LayerScale),
+            **vit_structure(self.vit),
             "conv_stem": self.conv_stem,
             "use_filter": self.use_filter,
             "num_prototypes": self.num_prototypes,
@@ -483,8 +449,8 @@ class CoTAPVisionTransformer(nn.Module):
         """Builds an (untrained) model from a :meth:`get_meta` dict.
 
         Uses ``timm.create_model(meta["arch"], ...)`` with the stored structure
-        (:func:`timm_overrides`) when the architecture name is known, else a timm
-        ``VisionTransformer``.
+        (:func:`~lightly_cotap.models.cotap_vit_meta.timm_overrides`) when the
+        architecture name is known, else a timm ``VisionTransformer``.
 
         Args:
             meta: The architecture description.
@@ -495,33 +461,7 @@ class CoTAPVisionTransformer(nn.Module):
         Raises:
             ValueError: If the meta dict is incomplete or of an unknown version.
         """
-        required = (
-            "format_version",
-            "img_size",
-            "patch_size",
-            "embed_dim",
-            "depth",
-            "num_heads",
-            "mlp_ratio",
-            "qkv_bias",
-            "num_reg_tokens",
-            "no_embed_class",
-            "layer_scale",
-            "use_filter",
-            "num_prototypes",
-            "prototype_size",
-        )
-        missing = [k for k in required if k not in meta]
-        if missing:
-            raise ValueError(f"Checkpoint meta lacks {missing}.")
-        if int(meta["format_version"]) > META_FORMAT_VERSION:
-            raise ValueError(
-                f"Checkpoint meta format_version {meta['format_version']} is newer "
-                f"than this lightly-cotap version supports ({META_FORMAT_VERSION})."
-            )
-        import timm
-        from timm.models.vision_transformer import VisionTransformer
-
+        check_meta(meta)
         # The name's defaults (a plain VisionTransformer's without a name) plus what
         # differs from them, e.g. the train demo's patch size or a custom mlp_ratio.
         arch = meta.get("arch")
@@ -585,6 +525,9 @@ class CoTAPVisionTransformer(nn.Module):
 
     # -- helpers -------------------------------------------------------------------
 
+    def _keep_last_block_input(self, block: nn.Module, args: tuple[Tensor]) -> None:
+        self._last_block_input = args[0]
+
     def _require_filter(self) -> ObjectAwareFilter:
         if self.filter is None:
             raise ValueError(
@@ -618,54 +561,6 @@ class CoTAPVisionTransformer(nn.Module):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
-def timm_value(field: str, value: Any) -> Any:
-    """The ``timm.create_model`` value of a structural meta field.
-
-    Args:
-        field: A key of :data:`TIMM_ARGUMENTS`.
-        value: Its value in the meta dict.
-
-    Returns:
-        The value of the timm argument ``TIMM_ARGUMENTS[field]``.
-    """
-    if field == "layer_scale":
-        return 1e-5 if value else None
-    return value
-
-
-def timm_overrides(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Arguments of ``timm.create_model`` that rebuild the meta's ViT from its name.
-
-    ``CoTAPVisionTransformer(meta["arch"], **timm_overrides(meta))`` (or, in mmseg,
-    ``CoTAPViT(arch=..., timm_kwargs=...)``) rebuilds the exported ViT, e.g. the
-    demo's ``vit_tiny_patch16_224`` with ``patch_size=8, embed_dim=96, depth=4``.
-    Only the fields that differ from the name's defaults are returned. A meta dict
-    without a name stands for a plain timm ``VisionTransformer``, whose defaults
-    are those of :data:`GENERIC_ARCH`.
-
-    Args:
-        meta: A :meth:`CoTAPVisionTransformer.get_meta` dict.
-
-    Returns:
-        timm argument name -> value.
-
-    Raises:
-        ValueError: If a structural field is missing.
-    """
-    missing = [f for f in TIMM_ARGUMENTS if f not in meta]
-    if missing:
-        raise ValueError(f"Checkpoint meta lacks {missing}.")
-    with torch.device("meta"):  # no memory, no initialisation cost
-        default = CoTAPVisionTransformer(
-            meta.get("arch") or GENERIC_ARCH, use_filter=False
-        ).get_meta()
-    return {
-        TIMM_ARGUMENTS[f]: timm_value(f, meta[f])
-        for f in TIMM_ARGUMENTS
-        if meta[f] != default[f]
-    }
-
-
 def _prepare_vit(vit: Any) -> None:
     """Validates a timm ViT and configures it for dense CoTAP features."""
     if getattr(vit, "cls_token", None) is None:
@@ -679,41 +574,14 @@ def _prepare_vit(vit: Any) -> None:
         vit.patch_embed.proj, nn.Conv2d
     ):
         raise ValueError("The ViT's patch_embed must have a Conv2d 'proj'.")
-    # Dynamic image size: NHWC patch embedding + position-embedding resampling.
     if not vit.dynamic_img_size:
-        from timm.layers import Format
-
-        vit.dynamic_img_size = True
-        vit.patch_embed.strict_img_size = False
-        vit.patch_embed.flatten = False
-        vit.patch_embed.output_fmt = Format.NHWC
+        # Multi-crop runs crops of several sizes through one ViT; timm has no public
+        # way to switch an existing patch embedding to dynamic sizes.
+        raise ValueError(
+            "The ViT must accept any image size: build it with "
+            "timm.create_model(..., dynamic_img_size=True)."
+        )
     # Classifier parts are not part of the backbone.
     vit.reset_classifier(0, global_pool="token")
     if not isinstance(vit.fc_norm, nn.Identity):
         vit.fc_norm = nn.Identity()
-
-
-def _cls_to_patch_attention(block: Any, x: Tensor, num_prefix_tokens: int) -> Tensor:
-    """Head-averaged attention of the CLS token to the patches in a timm block.
-
-    The softmax runs over all tokens (CLS, registers and patches) as in the block;
-    the patch columns are returned. Shape: (B, N_patches).
-    """
-    attn = block.attn
-    qkv: nn.Linear = attn.qkv
-    attn_dim = qkv.out_features // 3
-    bias = qkv.bias
-    tokens = block.norm1(x)
-    q = F.linear(
-        tokens[:, 0], qkv.weight[:attn_dim], None if bias is None else bias[:attn_dim]
-    ).unflatten(-1, (attn.num_heads, attn.head_dim))
-    k = F.linear(
-        tokens,
-        qkv.weight[attn_dim : 2 * attn_dim],
-        None if bias is None else bias[attn_dim : 2 * attn_dim],
-    ).unflatten(-1, (attn.num_heads, attn.head_dim))
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    logits = torch.einsum("bhd,bnhd->bhn", q, k) * float(attn.scale)
-    probs = logits.float().softmax(dim=-1)
-    attention: Tensor = probs[:, :, num_prefix_tokens:].mean(dim=1)
-    return attention

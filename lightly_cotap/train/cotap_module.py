@@ -1,4 +1,8 @@
-"""The CoTAP training recipe as a PyTorch Lightning module."""
+"""The CoTAP training recipe as a PyTorch Lightning module.
+
+Over 400 lines because the recipe is one job whose steps (EMA teacher, forward of
+both sides, objective, prototype bank, schedules, optimiser groups) share its state.
+"""
 
 from __future__ import annotations
 
@@ -22,55 +26,7 @@ from lightly_cotap.models.modules.heads import (
     CoTAPPatchProjectionHead,
 )
 from lightly_cotap.models.modules.prototype_bank import PrototypeBank
-
-
-class CoTAPStudent(nn.Module):
-    """Backbone plus patch and CLS projection heads (the student or the teacher).
-
-    Attributes:
-        backbone: The CoTAP vision transformer.
-        patch_head: Patch projection head (prototype scores per patch).
-        cls_head: CLS projection head.
-    """
-
-    def __init__(
-        self,
-        backbone: CoTAPVisionTransformer,
-        patch_head: CoTAPPatchProjectionHead,
-        cls_head: CoTAPClsProjectionHead,
-    ) -> None:
-        """Initializes the network from its parts."""
-        super().__init__()
-        self.backbone = backbone
-        self.patch_head = patch_head
-        self.cls_head = cls_head
-
-    def forward(
-        self,
-        images: Tensor,
-        *,
-        return_fg_mask: bool = False,
-        return_bank_features: bool = False,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-        """Runs backbone and heads.
-
-        Args:
-            images: Normalised images. Shape: (N, 3, H, W).
-            return_fg_mask: Also return the foreground mask.
-            return_bank_features: Also return the prototype-bank features.
-
-        Returns:
-            ``(patch_scores (N, K_patch, h, w), cls_scores (N, K_cls), fg_mask (N, h,
-            w) | None, bank_features (N, D * k * k) | None)``.
-        """
-        out = self.backbone(
-            images,
-            return_fg_mask=return_fg_mask,
-            return_bank_features=return_bank_features,
-        )
-        patch: Tensor = self.patch_head.forward_dense(out.dense)
-        cls: Tensor = self.cls_head(out.cls)
-        return patch, cls, out.fg_mask, out.bank_features
+from lightly_cotap.train.cotap_student import CoTAPStudent
 
 
 class CoTAPModule(pl.LightningModule):
@@ -296,11 +252,13 @@ class CoTAPModule(pl.LightningModule):
             **compile_kwargs: Arguments of ``torch.compile`` (e.g. ``mode``,
                 ``backend``).
         """
-        modules: list[nn.Module] = [self.student, self.teacher]
-        if objective:
-            modules.append(self.objective)
-        for module in modules:
+        for module in (self.student, self.teacher):
             module.compile(**compile_kwargs)
+        if objective:
+            # A step calls forward_components (the terms are logged), not forward.
+            self.objective.forward_components = torch.compile(  # type: ignore[method-assign]
+                self.objective.forward_components, **compile_kwargs
+            )
 
     def schedule_steps(self) -> int:
         """Number of steps of the schedules (momentum, learning rate, weight decay)."""
@@ -405,7 +363,10 @@ class CoTAPModule(pl.LightningModule):
         ):
             self.initialize_prototypes()
         x, pos, bank_features = self.forward_pair(views, views_pos)
-        total, terms = self.objective(x=x, pos=pos, update_queues=update_state)
+        components = self.objective.forward_components(
+            x=x, pos=pos, update_queues=update_state
+        )
+        total, terms = components.total, components.terms()
         if bank is not None and bank_features is not None and update_state:
             bank.update(bank_features)
         weight = float(self.hparams["prototype_entropy_weight"])
@@ -435,7 +396,16 @@ class CoTAPModule(pl.LightningModule):
         teacher_filter.set_prototypes(student_filter.prototypes.data)
 
     def training_step(self, batch: Sequence[Any], batch_idx: int) -> Tensor:
-        """One CoTAP step (EMA update, forward, objective, logging)."""
+        """Runs one CoTAP step (EMA update, forward, objective, logging).
+
+        Args:
+            batch: ``(views, views_pos, index, index_pos)`` of a
+                :class:`~lightly_cotap.data.SemanticPairDataset`.
+            batch_idx: Index of the batch (unused).
+
+        Returns:
+            The total loss.
+        """
         steps = self.schedule_steps()
         step = min(self.global_step, steps)
         momentum = cosine_schedule(
@@ -460,7 +430,12 @@ class CoTAPModule(pl.LightningModule):
         return total
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Applies the weight-decay ramp to the decayed parameter groups."""
+        """Applies the weight-decay ramp to the decayed parameter groups.
+
+        Args:
+            batch: The batch (unused).
+            batch_idx: Index of the batch (unused).
+        """
         steps = self.schedule_steps()
         weight_decay = cosine_schedule(
             min(self.global_step, steps),

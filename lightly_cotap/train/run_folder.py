@@ -16,7 +16,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
 from lightly_cotap.atomic_write import atomic_path
+from lightly_cotap.models.checkpoint_files import load_checkpoint_file
 from lightly_cotap.user_errors import UsageError, checkpoint_error
 
 #: ``--resume`` without a path: the output folder's own checkpoint.
@@ -144,8 +147,6 @@ def resume_point(
             )
     else:
         checkpoint = Path(args.resume)
-    from lightly_cotap.models.utils import load_checkpoint_file
-
     try:
         loaded = load_checkpoint_file(checkpoint)
     except (FileNotFoundError, ValueError) as ex:
@@ -203,23 +204,34 @@ def clear_run(output_dir: Path) -> None:
         checkpoint.unlink()
 
 
-def atomic_checkpoint_io() -> Any:
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` writing every checkpoint atomically.
+
+    A run killed while saving leaves the previous ``last.ckpt`` intact
+    (:func:`~lightly_cotap.atomic_write.atomic_path`).
+    """
+
+    def save_checkpoint(
+        self,
+        checkpoint: dict[str, Any],
+        path: Any,
+        storage_options: Any | None = None,
+    ) -> None:
+        """Saves a checkpoint through a temporary file renamed into place.
+
+        Args:
+            checkpoint: The checkpoint dict.
+            path: The target file.
+            storage_options: Passed to ``TorchCheckpointIO.save_checkpoint``.
+        """
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def atomic_checkpoint_io() -> AtomicCheckpointIO:
     """Lightning checkpoint I/O that writes every checkpoint atomically.
 
     Returns:
-        A ``TorchCheckpointIO`` whose ``save_checkpoint`` goes through
-        :func:`~lightly_cotap.atomic_write.atomic_path` (for ``Trainer(plugins=...)``).
+        An :class:`AtomicCheckpointIO` (for ``Trainer(plugins=...)``).
     """
-    from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(
-            self,
-            checkpoint: dict[str, Any],
-            path: Any,
-            storage_options: Any | None = None,
-        ) -> None:
-            with atomic_path(path) as tmp:
-                super().save_checkpoint(checkpoint, tmp, storage_options)
-
     return AtomicCheckpointIO()

@@ -4,9 +4,8 @@ from lightly_cotap.transforms.bagssl_transform import (
     BagSSLTransform,
     BagSSLViewTransform,
 )
-from lightly_cotap.transforms.cotap_transform import (
-    CoTAPTransform,
-    CoTAPViews,
+from lightly_cotap.transforms.cotap_transform import CoTAPTransform, CoTAPViews
+from lightly_cotap.transforms.crop_alignment import (
     box_intersection,
     crop_pair_grid_boxes,
     image_boxes_to_grid,

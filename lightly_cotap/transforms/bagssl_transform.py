@@ -39,10 +39,12 @@ class BagSSLTransform(MultiViewTransform):
         - ImageNet normalization
 
     Defaults: 16 patches of 32 x 32 pixels from images with a 224-pixel shorter
-    side (the 32 x 32 ImageNet setting of [0]). The number of training patches
-    per image and the augmentation strengths were not recovered from [0]; the
-    augmentations follow the authors' follow-up EMP-SSL code [1] (colour jitter
-    0.4/0.4/0.4/0.2 with p=0.8, gray scale 0.2, blur 0.1, solarization 0.1).
+    side (the 32 x 32 ImageNet setting of [0]). Design decisions: 16 patches per
+    image keep a batch of 16 x B patches within the memory of a usual VICReg batch;
+    the augmentation strengths are those of the authors' follow-up EMP-SSL code
+    [1] (colour jitter 0.4/0.4/0.4/0.2 with p=0.8, gray scale 0.2, blur 0.1,
+    solarization 0.1), the closest published recipe for fixed-scale patches by
+    the same group.
 
     - [0]: Chen et al., Bag of Image Patch Embedding Behind the Success of
       Self-Supervised Learning, 2023, https://arxiv.org/abs/2206.08954

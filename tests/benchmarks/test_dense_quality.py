@@ -138,17 +138,18 @@ def test_stage1_images_come_from_the_object_pool(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
-    import dense_quality as dq
+    from dense_quality_config import Config, Paths
+    from dense_quality_data import object_centric_images, object_centric_scenes
 
     objects, backgrounds = copy_paste_inputs
     pool = _object_pool(objects, tmp_path / "pool")
-    cfg = dq.Config(stage1_images=40)
-    images, labels = dq.object_centric_images(
-        dq.Paths(objects, backgrounds, pool), cfg, seed=0, size=32
+    cfg = Config(stage1_images=40)
+    images, labels = object_centric_images(
+        Paths(objects, backgrounds, pool), cfg, seed=0, size=32
     )
     assert len(images) == 40 and images[0].size == (32, 32)
     assert set(labels) == {0, 1}  # the pool's classes
-    scenes = dq.object_centric_scenes(
+    scenes = object_centric_scenes(
         pool,
         backgrounds,
         split="train",
@@ -159,12 +160,12 @@ def test_stage1_images_come_from_the_object_pool(
     )
     # Every pool cut-out is used, on the train-split backgrounds only.
     assert sum(len(v) for v in scenes.objects.values()) == 9
-    train = dq.object_centric_scenes(
+    train = object_centric_scenes(
         objects, backgrounds, split="train", num_samples=1, image_size=32, seed=0
     )
     assert scenes.backgrounds == train.backgrounds
-    _, eval_labels = dq.object_centric_images(
-        dq.Paths(objects, backgrounds), cfg, seed=0, size=32
+    _, eval_labels = object_centric_images(
+        Paths(objects, backgrounds), cfg, seed=0, size=32
     )
     assert set(eval_labels) == {0, 1, 2}
 

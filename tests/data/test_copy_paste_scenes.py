@@ -13,8 +13,8 @@ from PIL import Image
 from scipy import ndimage
 from torch import Tensor
 
-from lightly_cotap.data.copy_paste_scenes import (
-    CopyPasteScenes,
+from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
+from lightly_cotap.data.copy_paste_sources import (
     debian_backgrounds,
     is_photo_cutout,
     tuxpaint_class_folders,
@@ -260,7 +260,7 @@ def _tiny_vit_features() -> tuple[torch.nn.Module, Any]:
 
     def feature_fn(x: Tensor) -> Tensor:
         tokens: Tensor = vit.forward_features(x)[:, vit.num_prefix_tokens :]
-        return tokens.transpose(1, 2).reshape(x.shape[0], -1, 4, 4)
+        return tokens.reshape(x.shape[0], 4, 4, -1)
 
     return vit, feature_fn
 
@@ -296,5 +296,5 @@ def test_scenes_feed_the_dense_evaluation(
     for name in ("linear_probe", "kmeans", "overclustering", "retrieval"):
         assert 0.0 <= result[name]["miou"] <= 1.0
         assert 0.0 <= result[name]["pixel_accuracy"] <= 1.0
-    assert result["settings"]["feature_shape"] == [192, 4, 4]
+    assert result["settings"]["feature_shape"] == [4, 4, 192]
     assert Path(result["visualizations"]["pca"]).is_file()

@@ -8,6 +8,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from lightly_cotap.data.image_io import to_rgb
 from lightly_cotap.data.segmentation_folder import SegmentationFolder, image_to_tensor
 
 
@@ -68,3 +69,17 @@ def test_errors(tmp_path: Path) -> None:
         SegmentationFolder(empty, masks)
     with pytest.raises(ValueError, match="image_size"):
         SegmentationFolder(images, images, image_size=0)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_image_to_tensor_is_the_normalisation_formula(mode: str) -> None:
+    rgb = skimage.data.chelsea()[:20, :30]
+    image = Image.fromarray(rgb).convert(mode)
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    x = image_to_tensor(image, mean=mean, std=std)
+    # Reference: float32 RGB (image_io.to_rgb) in [0, 1], then (x - mean) / std per
+    # channel; the same float32 operations, bit for bit.
+    scaled = np.asarray(to_rgb(image), dtype=np.float32) / np.float32(255.0)
+    expected = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    assert x.dtype == torch.float32 and x.shape == (3, 20, 30)
+    assert torch.equal(x, torch.from_numpy(expected).permute(2, 0, 1))

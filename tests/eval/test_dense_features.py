@@ -29,7 +29,7 @@ def _vit_dense(vit: Any, x: Tensor) -> Tensor:
     tokens: Tensor = vit.forward_features(x)[:, vit.num_prefix_tokens :]
     b, n, c = tokens.shape
     side = int(n**0.5)
-    return tokens.transpose(1, 2).reshape(b, c, side, side)
+    return tokens.reshape(b, side, side, c)
 
 
 def _dataset(n: int) -> list[tuple[Tensor, Tensor]]:
@@ -55,7 +55,7 @@ def test_extract_with_tiny_vit() -> None:
         module=vit,
         progress=False,
     )
-    assert cache.features.shape == (5, 192, 2, 2)
+    assert cache.features.shape == (5, 2, 2, 192)
     assert cache.masks.shape == (5, 16, 16) and cache.masks.dtype == torch.int64
     assert cache.label_size == (16, 16)
     assert not cache.features.requires_grad
@@ -109,7 +109,7 @@ def test_invalid_inputs() -> None:
         extract_dense_features(lambda x: x, _dataset(2), batch_size=0, progress=False)
     with pytest.raises(ValueError, match="empty"):
         extract_dense_features(lambda x: x, [], progress=False)
-    with pytest.raises(ValueError, match=r"\(B, C, h, w\)"):
+    with pytest.raises(ValueError, match=r"\(B, h, w, D\)"):
         extract_dense_features(lambda x: x.mean(dim=1), _dataset(2), progress=False)
     with pytest.raises(ValueError, match="masks"):
         DenseFeatures(torch.randn(2, 3, 4, 4), torch.zeros(3, 8, 8))

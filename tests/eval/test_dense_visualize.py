@@ -20,10 +20,10 @@ from lightly_cotap.eval.visualize import (
 def _two_region_features() -> torch.Tensor:
     """Left half and right half differ along one direction, plus small noise."""
     g = torch.Generator().manual_seed(0)
-    feats = 0.01 * torch.randn(2, 16, 6, 8, generator=g)
+    feats = 0.01 * torch.randn(2, 6, 8, 16, generator=g)
     direction = torch.randn(16, generator=g)
-    feats[..., :4] += direction[None, :, None, None]
-    feats[..., 4:] -= direction[None, :, None, None]
+    feats[:, :, :4] += direction
+    feats[:, :, 4:] -= direction
     return feats
 
 
@@ -44,7 +44,7 @@ def test_pca_rgb_separates_regions() -> None:
 
 
 def test_pca_rgb_with_fewer_than_three_channels() -> None:
-    rgb = pca_rgb(torch.randn(1, 2, 3, 3))
+    rgb = pca_rgb(torch.randn(1, 3, 3, 2))
     assert rgb.shape == (1, 3, 3, 3)
 
 
@@ -82,10 +82,24 @@ def test_save_image_grid_size(tmp_path: Path) -> None:
         save_image_grid([], tmp_path / "x.png")
 
 
+def test_save_image_grid_layout(tmp_path: Path) -> None:
+    # Reference composed by hand: cells at padding + index * (size + padding), the
+    # padding and the missing cell of the short row in the pad value.
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(0, 256, (3, 4, 5), generator=g).byte() for _ in range(3))
+    path = save_image_grid([[a, b], [c]], tmp_path / "grid.png", padding=1, pad_value=7)
+    expected = np.full((2 * 4 + 3, 2 * 5 + 3, 3), 7, np.uint8)
+    for (row, col), cell in {(0, 0): a, (0, 1): b, (1, 0): c}.items():
+        top, left = 1 + row * 5, 1 + col * 6
+        expected[top : top + 4, left : left + 5] = cell.permute(1, 2, 0).numpy()
+    with Image.open(path) as grid:
+        np.testing.assert_array_equal(np.asarray(grid), expected)
+
+
 def test_save_dense_visualizations(tmp_path: Path) -> None:
     mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
     images = (torch.rand(3, 3, 48, 64) - 0.5) / 0.25
-    feats = torch.randn(3, 8, 3, 4)
+    feats = torch.randn(3, 3, 4, 8)
     paths = save_dense_visualizations(
         images, feats, tmp_path, mean=mean, std=std, query=(1, 0, 3), prefix="val_"
     )

@@ -104,7 +104,7 @@ def test_eval_exported_backbone_end_to_end(
     assert settings["num_train_images"] == 12 and settings["num_val_images"] == 6
     assert settings["class_names"] == ["background", "cat", "cup", "rocket"]
     # 2 * 192 channels (object-aware filter) on a 2 x 2 patch grid.
-    assert settings["feature_shape"] == [384, 2, 2]
+    assert settings["feature_shape"] == [2, 2, 384]  # channel-last (h, w, D)
     assert report["checkpoint"]["use_filter"] is True
     assert report["overclustering"]["settings"]["num_clusters"] == 4 * NUM_CLASSES
     for name in ("pca.png", "similarity.png"):
@@ -155,7 +155,7 @@ def test_eval_training_checkpoint_with_val_fraction(
         assert len(report[name]["iou_per_class"]) == 5
     assert report["settings"]["num_train_images"] == 9
     assert report["settings"]["num_val_images"] == 3
-    assert report["settings"]["feature_shape"] == [192, 2, 2]
+    assert report["settings"]["feature_shape"] == [2, 2, 192]
     assert report["checkpoint"]["use_filter"] is False
     assert not (out / "pca.png").exists()
 

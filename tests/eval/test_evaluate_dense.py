@@ -32,7 +32,7 @@ def _scenes(n: int, seed: int) -> list[tuple[Tensor, Tensor]]:
 
 
 def _feature_fn(images: Tensor) -> Tensor:
-    return F.avg_pool2d(images, 4)  # (B, 3, 8, 8)
+    return F.avg_pool2d(images, 4).permute(0, 2, 3, 1)  # (B, 8, 8, 3)
 
 
 def test_evaluate_dense_runs_every_evaluation(tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_evaluate_dense_runs_every_evaluation(tmp_path: Path) -> None:
     assert result["kmeans"]["settings"]["num_clusters"] == NUM_CLASSES
     assert result["overclustering"]["settings"]["num_clusters"] == 8
     assert result["overclustering"]["settings"]["matching"] == "greedy"
-    assert result["settings"]["feature_shape"] == [3, 8, 8]
+    assert result["settings"]["feature_shape"] == [8, 8, 3]
     assert result["settings"]["label_size"] == [32, 32]
     for key in ("pca", "similarity"):
         with Image.open(result["visualizations"][key]) as im:

@@ -27,7 +27,7 @@ def _clustered(seed: int, informative: bool = True, n: int = 10) -> DenseFeature
         feats = torch.zeros(n, 24, 8, 8)
     feats = feats + 0.5 * torch.randn(feats.shape, generator=g)
     masks = labels.repeat_interleave(4, 1).repeat_interleave(4, 2)  # (n, 32, 32)
-    return DenseFeatures(feats, masks)
+    return DenseFeatures(feats.permute(0, 2, 3, 1), masks)
 
 
 def test_kmeans_recovers_clusters_up_to_permutation() -> None:
@@ -62,7 +62,9 @@ def test_assignment_equals_nearest_centroid_of_upsampled_features() -> None:
     x = feats.permute(0, 2, 3, 1).reshape(-1, 6)
     weight, bias = fit_standardize_pca(x, pca_dim=3)
     centroids = torch.randn(5, 3, generator=g, dtype=torch.float64)
-    labels = assign_clusters(feats, weight, bias, centroids, (16, 20), batch_size=2)
+    labels = assign_clusters(
+        feats.permute(0, 2, 3, 1), weight, bias, centroids, (16, 20), batch_size=2
+    )
     # Reference: upsample the features first, map every pixel, nearest centroid.
     up = F.interpolate(feats, size=(16, 20), mode="bilinear", align_corners=False)
     z = up.permute(0, 2, 3, 1).double() @ weight + bias

@@ -32,7 +32,8 @@ def _features(
         feats = codes[patch_labels].permute(0, 3, 1, 2)
     else:
         feats = torch.zeros(*patch_labels.shape, dim).permute(0, 3, 1, 2)
-    return feats + 0.3 * torch.randn(feats.shape, generator=g)
+    feats = feats + 0.3 * torch.randn(feats.shape, generator=g)
+    return feats.permute(0, 2, 3, 1)
 
 
 def _dataset(
@@ -62,7 +63,7 @@ def test_default_probe_converges_on_small_scale_imbalanced_features() -> None:
     g = torch.Generator().manual_seed(0)
     labels = (torch.rand(32, 8, 8, generator=g) < 0.15).long()
     labels *= torch.randint(1, NUM_CLASSES, (32, 8, 8), generator=g)
-    feats = 0.05 * F.one_hot(labels, NUM_CLASSES).permute(0, 3, 1, 2).float()
+    feats = 0.05 * F.one_hot(labels, NUM_CLASSES).float()
     data = DenseFeatures(features=feats, masks=labels)
     result = linear_probe_miou(data, data, NUM_CLASSES, steps=100, progress=False)
     assert result["settings"]["head"] == "bn+conv1x1"
@@ -126,24 +127,24 @@ def test_probe_is_deterministic_given_seed() -> None:
 def test_probe_module_shapes_and_upsampling() -> None:
     probe = LinearSegmentationProbe(8, 3, use_bn=True).eval()
     x = torch.randn(2, 8, 5, 7)
-    logits = probe(x, size=(20, 28))
+    logits = probe(x.permute(0, 2, 3, 1), size=(20, 28))
     assert logits.shape == (2, 3, 20, 28)
     # conv then bilinear upsampling == bilinear upsampling then conv (both linear).
     up = F.interpolate(
         probe.norm(x), size=(20, 28), mode="bilinear", align_corners=False
     )
     torch.testing.assert_close(logits, probe.classifier(up), atol=1e-5, rtol=1e-5)
-    assert probe(x).shape == (2, 3, 5, 7)
+    assert probe(x.permute(0, 2, 3, 1)).shape == (2, 3, 5, 7)
 
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="in_channels"):
         LinearSegmentationProbe(0, 3)
-    with pytest.raises(ValueError, match=r"\(B, 8, h, w\)"):
-        LinearSegmentationProbe(8, 3)(torch.randn(2, 7, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, h, w, 8\)"):
+        LinearSegmentationProbe(8, 3)(torch.randn(2, 4, 4, 7))
     train = _dataset(4, seed=0, informative=True)
     with pytest.raises(ValueError, match="steps"):
         train_linear_probe(train, NUM_CLASSES, steps=0)
-    other = DenseFeatures(torch.randn(4, 3, 8, 8), train.masks)
+    other = DenseFeatures(torch.randn(4, 8, 8, 3), train.masks)
     with pytest.raises(ValueError, match="same channels"):
         linear_probe_miou(train, other, NUM_CLASSES, steps=1, progress=False)

@@ -25,7 +25,7 @@ def _dataset(n: int, seed: int, informative: bool) -> DenseFeatures:
         feats = torch.zeros(n, 32, 8, 8)
     feats = feats + 0.3 * torch.randn(feats.shape, generator=g)
     masks = labels.repeat_interleave(4, 1).repeat_interleave(4, 2)
-    return DenseFeatures(feats, masks)
+    return DenseFeatures(feats.permute(0, 2, 3, 1), masks)
 
 
 def test_retrieval_with_label_encoding_features() -> None:
@@ -69,7 +69,7 @@ def test_memory_bound_excludes_empty_and_favours_rare_classes() -> None:
     labels[0, 1, 2] = 1
     labels[0, 3] = 255
     masks = labels.repeat_interleave(2, 1).repeat_interleave(2, 2)
-    feats = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    feats = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(0))
     keys, hist = build_memory(DenseFeatures(feats, masks), 2)
     assert keys.shape == (12, 8) and hist.shape == (12, 2)  # ignored row left out
     torch.testing.assert_close(keys.norm(dim=1), torch.ones(12))
@@ -117,7 +117,7 @@ def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="must agree"):
         retrieve_labels(torch.randn(2, 3), torch.randn(4, 5), torch.rand(4, 2))
     train = _dataset(2, 0, True)
-    val = DenseFeatures(torch.randn(2, 7, 8, 8), train.masks)
+    val = DenseFeatures(torch.randn(2, 8, 8, 7), train.masks)
     with pytest.raises(ValueError, match="same channels"):
         retrieval_segmentation(train, val, NUM_CLASSES, progress=False)
     with pytest.raises(ValueError, match="labelled pixel"):

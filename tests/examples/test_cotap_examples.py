@@ -11,7 +11,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightly_cotap.loss import CoTAPObjective, PrototypeEntropyLoss
+from lightly_cotap.loss import (
+    CoTAPObjective,
+    CoTAPObjectiveComponents,
+    PrototypeEntropyLoss,
+)
 from lightly_cotap.loss.cotap_objective import TERM_NAMES
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -30,25 +34,25 @@ def test_cotap_example_runs(
     # Every value of the losses, to check what the example prints.
     steps: list[dict[str, float]] = []
     entropies: list[float] = []
-    objective_forward = CoTAPObjective.forward
+    objective_forward = CoTAPObjective.forward_components
     entropy_forward = PrototypeEntropyLoss.forward
 
     def record_objective(
         self: CoTAPObjective, **kwargs: Any
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        total, terms = objective_forward(self, **kwargs)
+    ) -> CoTAPObjectiveComponents:
+        components = objective_forward(self, **kwargs)
         steps.append(
-            {"total": float(total.detach())}
-            | {k: float(v.detach()) for k, v in terms.items()}
+            {"total": float(components.total.detach())}
+            | {k: float(v.detach()) for k, v in components.terms().items()}
         )
-        return total, terms
+        return components
 
     def record_entropy(self: PrototypeEntropyLoss, **kwargs: Any) -> Tensor:
         value = entropy_forward(self, **kwargs)
         entropies.append(float(value.detach()))
         return value
 
-    monkeypatch.setattr(CoTAPObjective, "forward", record_objective)
+    monkeypatch.setattr(CoTAPObjective, "forward_components", record_objective)
     monkeypatch.setattr(PrototypeEntropyLoss, "forward", record_entropy)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -65,12 +65,12 @@ def test_byol_mode_matches_reference(w_s: float) -> None:
 def test_byol_mode_accepts_feature_maps_and_additive_weighting() -> None:
     p = [_rand(2, 4, seed=0), _rand(2, 4, seed=1)]
     z = [_rand(2, 4, seed=2, grad=False), _rand(2, 4, seed=3, grad=False)]
-    maps = [_rand(2, 4, 3, 2, seed=4), _rand(2, 4, 3, 2, seed=5)]
-    lists = [m.flatten(2).transpose(1, 2) for m in maps]
-    convex = CoSSLLoss(w_s=0.3).terms(
+    maps = [_rand(2, 3, 2, 4, seed=4), _rand(2, 3, 2, 4, seed=5)]  # (B, H, W, D)
+    lists = [m.flatten(1, 2) for m in maps]
+    convex = CoSSLLoss(w_s=0.3).forward_components(
         global_online=p, global_target=z, local_online=maps
     )
-    additive = CoSSLLoss(w_s=0.3, weighting="additive").terms(
+    additive = CoSSLLoss(w_s=0.3, weighting="additive").forward_components(
         global_online=p, global_target=z, local_online=lists
     )
     torch.testing.assert_close(convex.local_loss, additive.local_loss)

@@ -5,17 +5,17 @@ from typing import Any
 
 import pytest
 import torch
+from lightly.models.utils import get_at_index
 from torch import Tensor, nn
 
 from lightly_cotap.loss import ContinuousAPLoss, _ranking_ops, cotap_loss, value_checks
-from lightly_cotap.loss.cotap_loss import (
-    CoTAPLoss,
+from lightly_cotap.loss.cotap_cells import (
     draw_negative_images,
-    gather_cells,
     pair_similarities,
     pool_cells,
     select_foreground_cells,
 )
+from lightly_cotap.loss.cotap_loss import CoTAPLoss
 from lightly_cotap.loss.cotap_objective import CoTAPObjective
 
 # ----------------------------------------------------------------------------------
@@ -53,11 +53,14 @@ def _reference_ap(
 
 
 def _cell(features: Tensor, b: int, v: int, p: int, i: int, j: int) -> Tensor:
-    """Mean of the (i, j) cell of a p x p pooling of crop v of image b (h % p == 0)."""
-    h, w = features.shape[-2:]
+    """Mean of the (i, j) cell of a p x p pooling of crop v of image b (h % p == 0).
+
+    ``features`` is (B, V, h, w, K) (channel-last features) or (B, V, h, w) (masks).
+    """
+    h, w = features.shape[2:4]
     sh, sw = h // p, w // p
-    block = features[b, v, ..., i * sh : (i + 1) * sh, j * sw : (j + 1) * sw]
-    return block.reshape(*block.shape[:-2], -1).mean(-1)
+    block = features[b, v, i * sh : (i + 1) * sh, j * sw : (j + 1) * sw]
+    return block.reshape(-1, *block.shape[2:]).mean(0)
 
 
 def _reference_selection(
@@ -144,7 +147,7 @@ def _random_batch(
 
     def feats() -> Tensor:
         return torch.randn(
-            batch, crops, dim, size, size, generator=gen, dtype=torch.float64
+            batch, crops, size, size, dim, generator=gen, dtype=torch.float64
         )
 
     teacher_x, teacher_pos = feats(), feats()
@@ -269,12 +272,12 @@ def test_selected_features_come_from_the_same_image_and_crop_as_the_mask() -> No
             torch.arange(size),
             indexing="ij",
         ),
-        dim=2,
-    ).double()  # (B, V, 4, h, w)
+        dim=-1,
+    ).double()  # (B, V, h, w, 4)
     cells = pool_cells(grid, size)  # (B, V*h*w, 4)
     for mask, expected in ((mask_x, expected_x), (mask_pos, expected_pos)):
         index = select_foreground_cells(mask, pool_size=size, top_k=4)
-        picked = gather_cells(cells, index)  # (B, 4, 4)
+        picked = get_at_index(cells, index)  # (B, 4, 4)
         for b in range(batch):
             got = {tuple(int(x) for x in row) for row in picked[b]}
             want = set()
@@ -287,13 +290,13 @@ def test_selected_features_come_from_the_same_image_and_crop_as_the_mask() -> No
 
 
 def test_pool_cells_order_is_crop_row_column() -> None:
-    features = torch.arange(2 * 3 * 1 * 4 * 4, dtype=torch.float64).reshape(
-        2, 3, 1, 4, 4
+    features = torch.arange(2 * 3 * 4 * 4 * 1, dtype=torch.float64).reshape(
+        2, 3, 4, 4, 1
     )
     cells = pool_cells(features, 2)
     assert cells.shape == (2, 12, 1)
     for b, v, i, j in itertools.product(range(2), range(3), range(2), range(2)):
-        block = features[b, v, 0, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean()
+        block = features[b, v, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2, 0].mean()
         assert cells[b, v * 4 + i * 2 + j, 0] == block
 
 
@@ -554,7 +557,7 @@ def test_cotap_loss_training_size_list_matches_float64_reference(
     binary masks, top 5 of the 7 x 7 cells, 5 negatives: 64 * 25 * 6 = 9,600 items.
     """
     gen = torch.Generator().manual_seed(12)
-    shape = (64, 2, 16, 14, 14)
+    shape = (64, 2, 14, 14, 16)
     teacher_x, teacher_pos = (
         torch.randn(shape, generator=gen),
         torch.randn(shape, generator=gen),
@@ -632,19 +635,19 @@ def test_cotap_loss_bad_feature_shapes(name: str) -> None:
     loss_fn = CoTAPLoss(pool_sizes=(2, 4))
     with pytest.raises(
         ValueError,
-        match=rf"^{name} must have shape \(B, V, K, h, w\), got \(3, 5, 4, 4\)\.$",
+        match=rf"^{name} must have shape \(B, V, h, w, K\), got \(3, 4, 4, 5\)\.$",
     ):
         loss_fn(**dict(inputs, **{name: inputs[name][:, 0]}))
     with pytest.raises(
         ValueError,
-        match=rf"^{name} must have shape \(B, V, K, h, w\), got <class 'list'>",
+        match=rf"^{name} must have shape \(B, V, h, w, K\), got <class 'list'>",
     ):
         loss_fn(**dict(inputs, **{name: [1.0]}))
     if name != "student_x":
         with pytest.raises(
             ValueError,
-            match=rf"^{name} must have the shape of student_x \(3, 2, 5, 4, 4\), "
-            r"got \(1, 2, 5, 4, 4\)\.$",
+            match=rf"^{name} must have the shape of student_x \(3, 2, 4, 4, 5\), "
+            r"got \(1, 2, 4, 4, 5\)\.$",
         ):
             loss_fn(**dict(inputs, **{name: inputs[name][:1]}))
 
@@ -781,7 +784,7 @@ def test_criterion_receives_one_flat_list_per_pool_size() -> None:
     index_pos = select_foreground_cells(inputs["fg_mask_pos"], pool_size=2, top_k=3)
     negatives = draw_negative_images(batch_size=4, num_negatives=2)
     cells = [
-        gather_cells(pool_cells(inputs[name], 2), index)
+        get_at_index(pool_cells(inputs[name], 2), index)
         for name, index in (
             ("student_x", index_x),
             ("student_pos", index_pos),

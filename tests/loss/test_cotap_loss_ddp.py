@@ -28,7 +28,7 @@ SEED = 100  # rank r draws with seed SEED + r
 def _batch() -> dict[str, Tensor]:
     """Inputs of the whole distributed batch (continuous masks: no ties)."""
     gen = torch.Generator().manual_seed(0)
-    shape = (WORLD_SIZE * PER_RANK, 2, 5, 4, 4)
+    shape = (WORLD_SIZE * PER_RANK, 2, 4, 4, 5)  # (B, V, h, w, K)
     teacher_x = torch.randn(shape, generator=gen, dtype=torch.float64)
     teacher_pos = torch.randn(shape, generator=gen, dtype=torch.float64)
     return dict(
@@ -36,8 +36,8 @@ def _batch() -> dict[str, Tensor]:
         student_pos=teacher_pos + 0.7 * torch.randn(shape, generator=gen).double(),
         teacher_x=teacher_x,
         teacher_pos=teacher_pos,
-        fg_mask_x=torch.rand(shape[:2] + shape[3:], generator=gen).double(),
-        fg_mask_pos=torch.rand(shape[:2] + shape[3:], generator=gen).double(),
+        fg_mask_x=torch.rand(shape[:4], generator=gen).double(),
+        fg_mask_pos=torch.rand(shape[:4], generator=gen).double(),
     )
 
 
@@ -48,7 +48,7 @@ def _loss_and_grad(
     scale = torch.linspace(0.5, 1.5, 5, dtype=torch.float64).requires_grad_()
     inputs = dict(batch)
     for name in ("student_x", "student_pos"):
-        inputs[name] = batch[name] * scale[:, None, None]
+        inputs[name] = batch[name] * scale  # over the channel (last) dim
     loss_fn = CoTAPLoss(
         pool_sizes=(2, 4),
         top_k=2,

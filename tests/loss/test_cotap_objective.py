@@ -26,13 +26,13 @@ def _side(gen: torch.Generator) -> CoTAPViewOutputs:
         return torch.randn(*shape, generator=gen).tanh()
 
     return CoTAPViewOutputs(
-        student_patch_global=randn(B, G, KP, H, H).requires_grad_(),
+        student_patch_global=randn(B, G, H, H, KP).requires_grad_(),
         student_cls=randn(B, G + L, KC).requires_grad_(),
-        teacher_patch=randn(B, G, KP, H, H),
+        teacher_patch=randn(B, G, H, H, KP),
         teacher_cls=randn(B, G, KC),
         fg_mask=torch.rand(B, G, H, H, generator=gen),
         crop_boxes=BOXES.expand(B, -1, -1).clone(),
-        student_patch_local=randn(B, L, KP, HL, HL).requires_grad_(),
+        student_patch_local=randn(B, L, HL, HL, KP).requires_grad_(),
     )
 
 
@@ -68,8 +68,15 @@ def test_terms_equal_the_components_and_total_is_weighted_sum() -> None:
         cross_image_cls_weight=0.25,
     )
     objective = _objective(**weights)
-    total, terms = objective(x=x, pos=pos)
+    components = objective.forward_components(x=x, pos=pos)
+    total, terms = components.total, components.terms()
     assert set(terms) == {"cotap", "patch_cluster", "cross_crop_cls", "cross_image_cls"}
+    # forward is the total of forward_components (same draws, queues left as they are).
+    torch.manual_seed(0)
+    plain = objective(x=x, pos=pos, update_queues=False)
+    torch.manual_seed(0)
+    again = objective.forward_components(x=x, pos=pos, update_queues=False).total
+    assert torch.equal(plain, again)
 
     expected_cotap = CoTAPLoss(pool_sizes=(2, 4), top_k=3, num_negatives=B - 1)(
         student_x=x.student_patch_global,
@@ -81,9 +88,9 @@ def test_terms_equal_the_components_and_total_is_weighted_sum() -> None:
     )
     teacher_patch = _cat(x.teacher_patch, pos.teacher_patch)
     codes = SinkhornCodes(num_prototypes=KP, queue_size=0, epsilon=0.05)(
-        teacher_patch.permute(0, 1, 3, 4, 2).reshape(-1, KP)
+        teacher_patch.reshape(-1, KP)
     )
-    codes = codes.reshape(2 * B, G, H, H, KP).permute(0, 1, 4, 2, 3)
+    codes = codes.reshape(2 * B, G, H, H, KP)
     expected_patch = PatchClusterLoss(output_size=2, fg_threshold=0.5)(
         teacher_codes=codes,
         student_global=_cat(x.student_patch_global, pos.student_patch_global),
@@ -132,18 +139,18 @@ def test_queues_fill_with_foreground_and_are_used() -> None:
     gen = torch.Generator().manual_seed(1)
     x, pos = _side(gen), _side(gen)
     objective = _objective()
-    _, first = objective(x=x, pos=pos)
+    first = objective.forward_components(x=x, pos=pos).terms()
     assert int(objective.patch_codes.num_filled) == 16
     assert int(objective.cls_codes.num_filled) == 4
     # Queued patch scores are foreground ones (mask > 0.5).
-    teacher = torch.cat([x.teacher_patch, pos.teacher_patch]).permute(0, 1, 3, 4, 2)
+    teacher = torch.cat([x.teacher_patch, pos.teacher_patch])  # (2B, G, H, H, KP)
     fg = torch.cat([x.fg_mask, pos.fg_mask]) > 0.5
     foreground_rows = {tuple(r) for r in teacher[fg].tolist()}
     assert all(
         tuple(r) in foreground_rows for r in objective.patch_codes.queue.tolist()
     )
     # With a non-empty queue the codes (and the cluster terms) change.
-    _, second = objective(x=x, pos=pos, update_queues=False)
+    second = objective.forward_components(x=x, pos=pos, update_queues=False).terms()
     assert not torch.allclose(first["patch_cluster"], second["patch_cluster"])
     assert torch.allclose(first["cotap"], second["cotap"])
 
@@ -154,8 +161,10 @@ def test_zero_weights_skip_terms() -> None:
     objective = _objective(
         cotap_weight=0.0, patch_cluster_weight=0.0, cross_image_cls_weight=0.0
     )
-    total, terms = objective(x=x, pos=pos)
+    components = objective.forward_components(x=x, pos=pos)
+    total, terms = components.total, components.terms()
     assert set(terms) == {"cross_crop_cls"}
+    assert components.cotap is None and components.patch_cluster is None
     assert torch.allclose(total, terms["cross_crop_cls"])
     assert int(objective.patch_codes.num_filled) == 0
 
@@ -180,7 +189,7 @@ def test_criterion_reaches_the_cotap_term() -> None:
     criterion = SimilarityKLLoss()
     objective = _objective(criterion=criterion)
     assert objective.cotap_loss.criterion is criterion
-    _, terms = objective(x=x, pos=pos)
+    terms = objective.forward_components(x=x, pos=pos).terms()
     expected = CoTAPLoss(
         pool_sizes=(2, 4), top_k=3, num_negatives=B - 1, criterion=SimilarityKLLoss()
     )(
@@ -191,6 +200,7 @@ def test_criterion_reaches_the_cotap_term() -> None:
         fg_mask_x=x.fg_mask,
         fg_mask_pos=pos.fg_mask,
     )
-    default = _objective()(x=x, pos=pos)[1]["cotap"]
+    default = _objective().forward_components(x=x, pos=pos).cotap
+    assert default is not None
     torch.testing.assert_close(terms["cotap"], expected)
     assert not torch.allclose(terms["cotap"], default)

@@ -109,7 +109,7 @@ def test_dsa_loss_matches_reference(
 
 def test_dsa_loss_base_term_is_lightly_ntxent() -> None:
     u, v, m, r0, r1, s = _inputs(n=5, d=3, seed=1)
-    terms = DSALoss(temperature=0.3).terms(
+    terms = DSALoss(temperature=0.3).forward_components(
         out0=u, out1=v, aggregation=m, reference0=r0, reference1=r1, scores=s
     )
     torch.testing.assert_close(terms.base, NTXentLoss(temperature=0.3)(u, v))
@@ -144,10 +144,10 @@ def test_dsa_loss_scores_from_reference_origin() -> None:
 
 def test_dsa_loss_normalize_reference_rows() -> None:
     u, v, m, r0, r1, s = _inputs(n=4, d=3, seed=3)
-    raw = DSALoss().terms(
+    raw = DSALoss().forward_components(
         out0=u, out1=v, aggregation=m, reference0=r0, reference1=r1, scores=s
     )
-    normed = DSALoss(normalize_reference=True).terms(
+    normed = DSALoss(normalize_reference=True).forward_components(
         out0=u, out1=v, aggregation=m, reference0=r0, reference1=r1, scores=s
     )
     # Row-normalised prior on the same simplex as M: a much closer target.

@@ -31,14 +31,14 @@ def _grid_box(inter: list[float], crop: list[float], grid: int) -> list[int]:
 
 
 def _blocks(feature: Tensor, box: list[int], out: int) -> Tensor:
-    """(K, h, w) map -> (out * out, K) block means over the grid box (row-major)."""
+    """(h, w, K) map -> (out * out, K) block means over the grid box (row-major)."""
     x0, y0, x1, y1 = box
     bh, bw = (y1 - y0) // out, (x1 - x0) // out
     cells = []
     for i in range(out):
         for j in range(out):
             ys, xs = y0 + i * bh, x0 + j * bw
-            cells.append(feature[:, ys : ys + bh, xs : xs + bw].mean(dim=(1, 2)))
+            cells.append(feature[ys : ys + bh, xs : xs + bw].mean(dim=(0, 1)))
     return torch.stack(cells)
 
 
@@ -70,7 +70,8 @@ def _reference(
                 student = student_global[n, v] if v < g else student_local[n, v - g]
                 q = _blocks(codes[n, c], box_c, 2)
                 keep = (
-                    _blocks(fg_mask[n, c][None].double(), box_c, 2)[:, 0] >= threshold
+                    _blocks(fg_mask[n, c][..., None].double(), box_c, 2)[:, 0]
+                    >= threshold
                 )
                 logits = _blocks(student, box_v, 2) / temperature
                 log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
@@ -85,13 +86,13 @@ def _reference(
 def _inputs(seed: int, batch: int = 2, k: int = 5) -> dict[str, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     codes = torch.softmax(
-        torch.randn(batch, 2, k, 6, 6, generator=gen, dtype=torch.float64), dim=2
+        torch.randn(batch, 2, 6, 6, k, generator=gen, dtype=torch.float64), dim=-1
     )
     student_global = torch.randn(
-        batch, 2, k, 6, 6, generator=gen, dtype=torch.float64
+        batch, 2, 6, 6, k, generator=gen, dtype=torch.float64
     ).requires_grad_()
     student_local = torch.randn(
-        batch, 2, k, 2, 2, generator=gen, dtype=torch.float64
+        batch, 2, 2, 2, k, generator=gen, dtype=torch.float64
     ).requires_grad_()
     fg_mask = torch.rand(batch, 2, 6, 6, generator=gen) > 0.25
     return dict(
@@ -132,7 +133,7 @@ def test_horizontal_flip_is_undone() -> None:
     plain = loss_fn(**inputs)
     # Flip local crop 2 (pixels and features mirrored) and tell the loss.
     flipped_local = inputs["student_local"].detach().clone()
-    flipped_local[:, 0] = flipped_local[:, 0].flip(-1)
+    flipped_local[:, 0] = flipped_local[:, 0].flip(-2)  # the W axis of (B, h, w, K)
     flipped = torch.zeros(2, 4, dtype=torch.bool)
     flipped[:, 2] = True
     out = loss_fn(**dict(inputs, student_local=flipped_local, flipped=flipped))

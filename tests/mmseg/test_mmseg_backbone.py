@@ -97,7 +97,7 @@ def test_equivalence_with_plugin(
     x = _images()
     with torch.no_grad():
         outs = backbone(x)
-        ref = plugin(x).dense
+        ref = plugin(x).dense.permute(0, 3, 1, 2)
         inter = plugin.vit.forward_intermediates(
             x, indices=[0, 1], norm=False, output_fmt="NCHW", intermediates_only=True
         )
@@ -139,7 +139,7 @@ def test_mmpretrain_prefix_and_stock_mmengine_loader(
 
     x = _images()
     with torch.no_grad():
-        ref = plugin(x).dense
+        ref = plugin(x).dense.permute(0, 3, 1, 2)
     # mmpretrain convention: Pretrained(..., prefix='backbone.')
     backbone = MODELS.build(_backbone_cfg())
     backbone.init_cfg = dict(
@@ -167,7 +167,9 @@ def test_plain_timm_checkpoint_for_baselines(tmp_path: Path) -> None:
     backbone = _build(str(path), use_filter=False)
     x = _images()
     with torch.no_grad():
-        assert (backbone(x)[-1] - plain(x).dense).abs().max() <= 1e-5
+        assert (
+            backbone(x)[-1] - plain(x).dense.permute(0, 3, 1, 2)
+        ).abs().max() <= 1e-5
     assert backbone.out_channels == [192, 192, 192]
 
 
@@ -246,7 +248,7 @@ def test_arch_auto_takes_the_architecture_from_the_export(
 ) -> None:
     x = _images()
     with torch.no_grad():
-        ref = plugin(x).dense
+        ref = plugin(x).dense.permute(0, 3, 1, 2)
     for fmt in ("timm", "mmseg"):
         backbone = MODELS.build(
             dict(
@@ -307,7 +309,10 @@ def test_export_meta_rebuilds_the_backbone_exactly(
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(
-            backbone.eval()(x)[-1], model.eval()(x).dense, rtol=0, atol=1e-5
+            backbone.eval()(x)[-1],
+            model.eval()(x).dense.permute(0, 3, 1, 2),
+            rtol=0,
+            atol=1e-5,
         )
 
 

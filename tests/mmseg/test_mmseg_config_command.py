@@ -179,6 +179,15 @@ def _broken_data(root: Path, tmp_path: Path, case: str) -> Path:
         (data / "classes.json").write_text(json.dumps(["dark", "bright"]))
     elif case == "bad_json":
         (data / "classes.json").write_text("{not json")
+    elif case == "stray_value":
+        mask_path = data / "masks" / "val" / "hubble_deep_field.png"
+        labels = np.asarray(Image.open(mask_path)).copy()
+        labels[0, 0] = 200  # one stray pixel must not make 201 classes
+        Image.fromarray(labels).save(mask_path)
+    elif case == "wrong_size":
+        mask_path = data / "masks" / "train" / "rocket.png"
+        mask = Image.open(mask_path)
+        mask.resize((mask.width // 2, mask.height)).save(mask_path)
     elif case in ("only_ignore", "one_class"):
         for mask_path in (data / "masks").rglob("*.png"):
             labels = np.asarray(Image.open(mask_path))
@@ -207,13 +216,15 @@ def _broken_data(root: Path, tmp_path: Path, case: str) -> Path:
         ),
         (
             "rgb_mask",
-            r"^mask '.*hubble_deep_field\.png' is a RGB image; masks must be "
-            r"single-channel images of class ids \(or palette PNGs\)\.$",
+            r"^--data: '.*hubble_deep_field\.png': is a RGB image; masks must be "
+            r"single-channel images of class ids \(or palette PNGs\)$",
         ),
         (
             "too_few_names",
-            r"^the masks hold class ids up to 2 but '.*classes\.json' "
-            r"names 2 classes\.$",
+            r"^--data: '.*\.png': labels \[2\] \(\d+ pixels\) lie outside the 2 "
+            r"classes declared by .*classes\.json \(labels 0\.\.1, 255 = ignore\); "
+            r"fix the masks or declare the right classes with a classes\.json in "
+            r"--data$",
         ),
         ("bad_json", r"^'.*classes\.json' is not valid JSON: "),
         (
@@ -222,8 +233,21 @@ def _broken_data(root: Path, tmp_path: Path, case: str) -> Path:
         ),
         (
             "one_class",
-            r"^the masks of --data hold only class 0; segmentation needs at "
-            r"least 2\.$",
+            r"^--data: '.*\.png': every labelled pixel is class \[0\] \(the rest "
+            r"equals the ignore value 255\); segmentation needs at least two "
+            r"labelled classes$",
+        ),
+        (
+            "stray_value",
+            r"^--data: '.*hubble_deep_field\.png': holds label 200 \(1 pixels\) but "
+            r"the masks' labels \[0, 1, 2, 200\] are not 0\.\.N \(197 values in "
+            r"between never occur\); declare the classes with a classes\.json in "
+            r"--data instead of letting a stray value define them$",
+        ),
+        (
+            "wrong_size",
+            r"^--data: '.*/masks/train': 1 masks differ in size from their images "
+            r"\(width x height\): rocket\.png is \d+x\d+, rocket\.jpg is \d+x\d+; ",
         ),
     ],
 )

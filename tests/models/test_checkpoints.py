@@ -10,11 +10,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from lightly_cotap.models import CoTAPVisionTransformer
-from lightly_cotap.models.utils import (
+from lightly_cotap.models.checkpoint_files import (
     CheckpointFileError,
+    load_checkpoint_file,
+)
+from lightly_cotap.models.checkpoints import (
     extract_backbone_state_dict,
     load_backbone_state_dict,
-    load_checkpoint_file,
 )
 
 

@@ -10,12 +10,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightly_cotap.models import CoTAPVisionTransformer, CoTAPViTOutput
+from lightly_cotap.models.foreground import foreground_mask_from_attention
 from lightly_cotap.models.modules import (
     CoTAPClsProjectionHead,
     CoTAPPatchProjectionHead,
     PrototypeBank,
 )
-from lightly_cotap.models.utils import foreground_mask_from_attention
 
 
 def _tiny(**kwargs: object) -> CoTAPVisionTransformer:
@@ -36,6 +36,7 @@ def _reg_vit(**kwargs: object) -> VisionTransformer:
         no_embed_class=True,
         init_values=1e-5,
         num_classes=10,
+        dynamic_img_size=True,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -51,7 +52,7 @@ class TestShapes:
         out = model(torch.randn(2, 3, 96, 96), return_fg_mask=True)
         assert isinstance(out, CoTAPViTOutput)
         assert out.cls.shape == (2, model.out_dim)
-        assert out.dense.shape == (2, model.out_dim, 6, 6)
+        assert out.dense.shape == (2, 6, 6, model.out_dim)
         assert out.fg_mask is not None and out.fg_mask.shape == (2, 6, 6)
         assert out.fg_mask.dtype == torch.bool
         assert out.cls_attention is not None and out.cls_attention.shape == (2, 36)
@@ -59,14 +60,14 @@ class TestShapes:
 
     def test_optional_outputs_are_none_by_default(self) -> None:
         out = _tiny()(torch.randn(1, 3, 32, 48))
-        assert out.dense.shape == (1, 384, 2, 3)
+        assert out.dense.shape == (1, 2, 3, 384)
         assert out.fg_mask is None and out.cls_attention is None
         assert out.bank_features is None
 
     def test_non_square_images_and_bank_features(self) -> None:
         model = _tiny(prototype_size=3)
         out = model(torch.randn(2, 3, 64, 112), return_bank_features=True)
-        assert out.dense.shape == (2, 384, 4, 7)
+        assert out.dense.shape == (2, 4, 7, 384)
         assert out.bank_features is not None
         assert out.bank_features.shape == (2, 192 * 9) == (2, model.bank_dim)
 
@@ -76,7 +77,7 @@ class TestShapes:
         with torch.no_grad():
             out = model(torch.randn(1, 3, 224, 224), return_fg_mask=True)
         assert out.cls.shape == (1, 768)
-        assert out.dense.shape == (1, 768, 14, 14)
+        assert out.dense.shape == (1, 14, 14, 768)
         assert out.fg_mask is not None and out.fg_mask.shape == (1, 14, 14)
         assert model.prototypes.shape == (64, 384, 3, 3)
 
@@ -85,7 +86,7 @@ class TestShapes:
         model = CoTAPVisionTransformer(vit)
         assert model.num_prefix_tokens == 5
         out = model(torch.randn(2, 3, 40, 56), return_fg_mask=True)
-        assert out.dense.shape == (2, 96, 5, 7)
+        assert out.dense.shape == (2, 5, 7, 96)
         assert out.cls_attention is not None and out.cls_attention.shape == (2, 35)
 
 
@@ -96,7 +97,7 @@ class TestWiring:
         out = model(x)
         tokens = model.vit.forward_features(x)  # timm incl. final norm
         torch.testing.assert_close(out.cls, tokens[:, 0])
-        expected = tokens[:, 1:].transpose(1, 2).reshape(2, 192, 4, 5)
+        expected = tokens[:, 1:].reshape(2, 4, 5, 192)  # channel-last
         torch.testing.assert_close(out.dense, expected)
 
     def test_filter_applied_to_last_block_output(self) -> None:
@@ -110,7 +111,7 @@ class TestWiring:
             tokens[:, 0], tokens[:, 5:].transpose(1, 2).reshape(2, 48, 4, 6)
         )
         torch.testing.assert_close(out.cls, cls)
-        torch.testing.assert_close(out.dense, dense)
+        torch.testing.assert_close(out.dense, dense.permute(0, 2, 3, 1))
 
     def test_bank_features_are_pooled_penultimate_block(self) -> None:
         model = CoTAPVisionTransformer(_reg_vit(), prototype_size=3).eval()
@@ -144,6 +145,26 @@ class TestWiring:
             out.fg_mask, foreground_mask_from_attention(expected, grid_size=(5, 5))
         )
 
+    def test_deep_copy_reads_its_own_last_block(self) -> None:
+        # An EMA teacher is a deep copy: its mask and bank samples must come from
+        # its own blocks, not from the student it was copied from.
+        student = CoTAPVisionTransformer(_reg_vit(), prototype_size=3).eval()
+        teacher = copy.deepcopy(student)
+        with torch.no_grad():
+            for p in teacher.vit.blocks[0].parameters():
+                p.add_(0.5)
+        x = torch.randn(2, 3, 32, 32)
+        out = teacher(x, return_fg_mask=True, return_bank_features=True)
+        features = teacher.vit.forward_intermediates(
+            x, indices=[0], norm=False, output_fmt="NCHW", intermediates_only=True
+        )[0]
+        expected = F.adaptive_avg_pool2d(features, (3, 3)).flatten(1)
+        assert out.bank_features is not None
+        torch.testing.assert_close(out.bank_features, expected)
+        student_out = student(x, return_bank_features=True)
+        assert student_out.bank_features is not None
+        assert not torch.allclose(student_out.bank_features, expected)
+
     def test_gradient_checkpointing_gives_same_output(self) -> None:
         model = _tiny(depth=3).train()
         x = torch.randn(1, 3, 32, 32)
@@ -155,13 +176,18 @@ class TestWiring:
         torch.testing.assert_close(a, b)
 
     def test_instance_is_prepared(self) -> None:
-        # A fixed-size ViT with a classifier: dynamic size enabled, head removed.
+        # A ViT with a classifier: head removed.
         vit = VisionTransformer(
-            img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2
+            img_size=32,
+            patch_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=2,
+            dynamic_img_size=True,
         )
         model = CoTAPVisionTransformer(vit, use_filter=False)
         assert isinstance(model.vit.head, nn.Identity)
-        assert model(torch.randn(1, 3, 64, 48)).dense.shape == (1, 32, 4, 3)
+        assert model(torch.randn(1, 3, 64, 48)).dense.shape == (1, 4, 3, 32)
         assert not any(k.startswith("vit.head") for k in model.state_dict())
 
 
@@ -172,7 +198,7 @@ class TestTraining:
         patch_head = CoTAPPatchProjectionHead(384, 64, 16, 8)
         cls_head = CoTAPClsProjectionHead(384, 64, 16, 8)
         out = model(torch.randn(2, 3, 32, 32))
-        loss = patch_head.forward_dense(out.dense).square().mean()
+        loss = patch_head(out.dense).square().mean()
         loss = loss + cls_head(out.cls).square().mean()
         loss.backward()
         params = dict(model.named_parameters())
@@ -277,3 +303,12 @@ class TestErrors:
             CoTAPVisionTransformer(_reg_vit(), depth=3)
         with pytest.raises(ValueError, match="pretrained"):
             CoTAPVisionTransformer("vit_tiny_patch16_224", pretrained=True)
+
+    def test_fixed_size_vit_is_refused_and_left_unchanged(self) -> None:
+        vit = VisionTransformer(
+            img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2
+        )
+        with pytest.raises(ValueError, match="dynamic_img_size=True"):
+            CoTAPVisionTransformer(vit)
+        assert not vit.dynamic_img_size and vit.patch_embed.strict_img_size
+        assert vit.patch_embed.flatten

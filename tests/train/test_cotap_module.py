@@ -58,10 +58,10 @@ def test_forward_pair_puts_every_crop_of_every_image_in_its_place() -> None:
     module = CoTAPModule("vit_tiny_patch16_224", **TINY).eval()
     views, views_pos = _batch()[:2]
     x, pos, _ = module.forward_pair(views, views_pos)
-    assert x.teacher_patch.shape == (3, 2, 16, 4, 4)
+    assert x.teacher_patch.shape == (3, 2, 4, 4, 16)
     assert x.student_cls.shape == (3, 4, 24)
     assert x.student_patch_local is not None
-    assert x.student_patch_local.shape == (3, 2, 16, 2, 2)
+    assert x.student_patch_local.shape == (3, 2, 2, 2, 16)
     with torch.no_grad():
         for side, source in ((x, views), (pos, views_pos)):
             for crop in range(2):

@@ -14,7 +14,7 @@ from lightly_cotap.cli import build_parser, main
 from lightly_cotap.export import build_model_from_checkpoint, load_backbone
 from lightly_cotap.models import CoTAPVisionTransformer
 from lightly_cotap.train import CoTAPModule
-from lightly_cotap.train.run import DEMO_PRESET, PAPER_PRESET, resolve_settings
+from lightly_cotap.train.settings import DEMO_PRESET, PAPER_PRESET, resolve_settings
 
 OBJECTIVE_TERMS = (
     "train/loss_cotap",

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from lightly_cotap.cli import main
-from lightly_cotap.data.semantic_pairs import NeighborIndex
+from lightly_cotap.data.neighbors import NeighborIndex
 from lightly_cotap.export import export_backbone
 from lightly_cotap.models import CoTAPVisionTransformer
 
@@ -260,7 +260,7 @@ def test_zero_steps_never_succeed(
 ) -> None:
     # Without the batch adaptation, 8 sample images in batches of 16 give no batch.
     monkeypatch.setattr(
-        "lightly_cotap.train.run._fit_to_dataset", lambda *args, **kwargs: None
+        "lightly_cotap.train.run.fit_to_dataset", lambda *args, **kwargs: None
     )
     out = tmp_path / "run"
     assert _train(out, *TINY, "--batch-size", "16", "--max-steps", "2") == 2
@@ -283,20 +283,21 @@ def test_settings_are_written_before_training(
 
 
 def test_neighbor_cache_key_follows_its_inputs(tmp_path: Path) -> None:
-    from lightly_cotap.train.run import DEMO_PRESET, RUN_DEFAULTS, _neighbor_cache_key
+    from lightly_cotap.train.run_builders import neighbor_cache_key
+    from lightly_cotap.train.settings import DEMO_PRESET, RUN_DEFAULTS
 
     files = _photos(tmp_path / "data", 3)
     init = _exported_tiny(tmp_path / "init.pth", 96)
     settings = {**DEMO_PRESET, **RUN_DEFAULTS, "num_neighbors": 2}
-    key = _neighbor_cache_key(files, settings)
-    assert _neighbor_cache_key(list(files), dict(settings)) == key
+    key = neighbor_cache_key(files, settings)
+    assert neighbor_cache_key(list(files), dict(settings)) == key
     changed = [
-        _neighbor_cache_key(files[:2], settings),
-        _neighbor_cache_key(files, {**settings, "num_neighbors": 1}),
-        _neighbor_cache_key(files, {**settings, "init": str(init)}),
-        _neighbor_cache_key(files, {**settings, "seed": 1}),
-        _neighbor_cache_key(files, {**settings, "depth": 2}),
+        neighbor_cache_key(files[:2], settings),
+        neighbor_cache_key(files, {**settings, "num_neighbors": 1}),
+        neighbor_cache_key(files, {**settings, "init": str(init)}),
+        neighbor_cache_key(files, {**settings, "seed": 1}),
+        neighbor_cache_key(files, {**settings, "depth": 2}),
     ]
     Image.fromarray(skimage.data.camera()).resize((48, 48)).save(files[0])
-    changed.append(_neighbor_cache_key(files, settings))  # same name, new content
+    changed.append(neighbor_cache_key(files, settings))  # same name, new content
     assert len({key, *changed}) == len(changed) + 1

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from lightly_cotap.data import SampleImageDataset
 from lightly_cotap.transforms import cotap_transform
-from lightly_cotap.transforms.cotap_transform import (
-    CoTAPTransform,
+from lightly_cotap.transforms.cotap_transform import CoTAPTransform
+from lightly_cotap.transforms.crop_alignment import (
     box_intersection,
     crop_pair_grid_boxes,
     image_boxes_to_grid,
@@ -283,7 +283,10 @@ class TestCropPairGridBoxes:
         transform = _plain_transform(hf_prob=hf_prob)
         image = _coordinate_image(300, 400)
         batch = default_collate([transform(image) for _ in range(6)])
-        features = [F.avg_pool2d(view, 16) for view in batch["student"]]
+        # Channel-last (B, h, w, C) features, as the model outputs them.
+        features = [
+            F.avg_pool2d(view, 16).permute(0, 2, 3, 1) for view in batch["student"]
+        ]
         boxes, flipped = batch["boxes"], batch["flipped"]
         if hf_prob > 0:
             assert flipped.any() and not flipped.all()
@@ -293,7 +296,7 @@ class TestCropPairGridBoxes:
             for j in range(transform.n_views):
                 if i == j:
                     continue
-                size_i, size_j = features[i].shape[-1], features[j].shape[-1]
+                size_i, size_j = features[i].shape[2], features[j].shape[2]
                 box_i, box_j, valid = crop_pair_grid_boxes(
                     boxes, i, j, size_i, size_j, flipped
                 )
@@ -323,13 +326,14 @@ class TestCropPairGridBoxes:
         batch = default_collate(
             [_plain_transform()(_coordinate_image(100, 120)) for _ in range(3)]
         )
-        features = F.avg_pool2d(batch["student"][0], 16)
+        features = F.avg_pool2d(batch["student"][0], 16)  # (B, C, h, w)
         box, _, _ = crop_pair_grid_boxes(batch["boxes"], 0, 3, 14, 6)
         expected = roi_resample_to_grid(features, box, 4, 4)
-        assert torch.equal(resample_crop_features(features, box, 4, 4), expected)
+        channel_last = features.permute(0, 2, 3, 1)
+        assert torch.equal(resample_crop_features(channel_last, box, 4, 4), expected)
         no_flip = torch.zeros(3, dtype=torch.bool)
         assert torch.equal(
-            resample_crop_features(features, box, 4, 4, no_flip), expected
+            resample_crop_features(channel_last, box, 4, 4, no_flip), expected
         )
 
     def test_hand_computed_boxes(self) -> None:

@@ -104,7 +104,13 @@ class BagOfPatchesAggregator(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, chunk_size: int | None = None) -> None:
-        """Initializes the aggregator.
+        """Initializes the BagOfPatchesAggregator.
+
+        Args:
+            backbone: Embeds a batch of patches (N, C, h, w) into (N, D) (or
+                (N, D, 1, 1), flattened).
+            chunk_size: Patches per backbone call (bounds the memory); None embeds
+                all patches of the batch at once.
 
         Raises:
             ValueError: If ``chunk_size`` is not positive.

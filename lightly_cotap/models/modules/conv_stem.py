@@ -78,7 +78,14 @@ class ConvStem(nn.Conv2d):
         self.image_channels = image_channels
 
     def forward(self, images: Tensor) -> Tensor:
-        """Embeds images. Shape: (B, C, H, W) -> (B, D, H / p, W / p)."""
+        """Embeds images.
+
+        Args:
+            images: Images. Shape: (B, C, H, W).
+
+        Returns:
+            Patch embeddings. Shape: (B, D, H / p, W / p).
+        """
         return super().forward(self.stem(images))
 
 

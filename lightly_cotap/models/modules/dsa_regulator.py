@@ -201,8 +201,8 @@ def good_neighbor_scores(
 
     For anchor i with k nearest neighbours N(i) (cosine, self excluded), the
     neighbour j is "good" if more than ``mu`` of j's own neighbours l have i as
-    a neighbour, c_ij = |{l in N(j) : i in N(l)}| > mu. The score is
-    s_i = |{good neighbours of i}| / k in [0, 1]; outliers have few good
+    a neighbour, ``c_ij = |{l in N(j) : i in N(l)}| > mu``. The score is
+    ``s_i = |{good neighbours of i}| / k`` in [0, 1]; outliers have few good
     neighbours [0]. This is the vectorised form of ``get_goodneighbor`` in the
     official code [1]: with A the adjacency matrix, c_ij = (A @ A)[j, i], so
     s = (A * ((A @ A).T > mu)).sum(1) / k at O(N^3 / word) instead of Python loops.

@@ -1,110 +1,141 @@
-"""Projection heads of CoTAP (thin named classes over Lightly's DINO head)."""
+"""Projection heads of CoTAP: DINO-style prototype heads on Lightly's ProjectionHead."""
 
 from __future__ import annotations
 
-import warnings
-
 import torch
-from lightly.models.modules.heads import DINOProjectionHead
+from lightly.models.modules.heads import ProjectionHead
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
 
-def _check_dims(**dims: int) -> None:
-    for name, value in dims.items():
-        if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}.")
+class CoTAPProjectionHead(ProjectionHead):
+    """DINO-style prototype head [1] of the official CoTAP ``Projector`` [0].
 
+    Linear(input_dim -> hidden_dim) - GELU - Linear(hidden_dim -> hidden_dim) -
+    GELU - Linear(hidden_dim -> bottleneck_dim, no bias), L2 normalisation, then a
+    weight-normalised prototype layer Linear(bottleneck_dim -> output_dim, no bias)
+    whose norm is fixed to 1, so the outputs are cosine scores to ``output_dim``
+    prototypes. No batch norm. The head applies to the last dimension, so it takes
+    CLS features ``(B, input_dim)`` as well as channel-last dense features
+    ``(B, H, W, input_dim)``.
 
-def _finalize_head(head: DINOProjectionHead) -> None:
-    """Adapts Lightly's DINO head to the official CoTAP Projector.
+    It is Lightly's :class:`~lightly.models.modules.DINOProjectionHead` with
+    ``batch_norm=False`` and ``norm_last_layer=True`` (same initialisation:
+    truncated normal with std 0.02 for the MLP, zero biases) with two design
+    choices of the official ``Projector``:
 
-    - Drops the bias of the bottleneck Linear (the official Projector has none).
-    - Re-creates the weight-normalised prototype layer with
-      ``torch.nn.utils.parametrizations.weight_norm`` (same function, norm fixed to 1)
-      instead of the deprecated ``torch.nn.utils.weight_norm``, so that the head can be
-      deep-copied for an EMA teacher.
-    """
-    bottleneck = head.layers[-1]
-    assert isinstance(bottleneck, nn.Linear)
-    bottleneck.register_parameter("bias", None)
-
-    old = head.last_layer
-    last = nn.Linear(old.in_features, old.out_features, bias=False)
-    with torch.no_grad():
-        last.weight.copy_(old.weight_v)
-    last = parametrizations.weight_norm(last, name="weight", dim=0)
-    norm = last.parametrizations.weight.original0
-    with torch.no_grad():
-        norm.fill_(1.0)
-    norm.requires_grad_(False)
-    head.last_layer = last
-
-
-def _build_dino_head(
-    head: DINOProjectionHead,
-    input_dim: int,
-    hidden_dim: int,
-    bottleneck_dim: int,
-    output_dim: int,
-    freeze_last_layer: int,
-) -> None:
-    """Runs DINOProjectionHead.__init__ (silencing its weight_norm deprecation)."""
-    _check_dims(
-        input_dim=input_dim,
-        hidden_dim=hidden_dim,
-        bottleneck_dim=bottleneck_dim,
-        output_dim=output_dim,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        DINOProjectionHead.__init__(
-            head,
-            input_dim=input_dim,
-            hidden_dim=hidden_dim,
-            bottleneck_dim=bottleneck_dim,
-            output_dim=output_dim,
-            batch_norm=False,
-            freeze_last_layer=freeze_last_layer,
-            norm_last_layer=True,
-        )
-    _finalize_head(head)
-
-
-class CoTAPPatchProjectionHead(DINOProjectionHead):
-    """Patch projection head used in CoTAP [0].
-
-    A DINO-style head [1]: Linear(input_dim -> 2048) - GELU - Linear(2048 -> 2048) -
-    GELU - Linear(2048 -> 256), L2 normalisation, then a weight-normalised prototype
-    layer Linear(256 -> 512, no bias) whose norm is fixed to 1 (DINO's
-    ``norm_last_layer=True``: ``weight_g`` = 1 without gradient), so the outputs are
-    cosine scores to K = 512 prototypes. No batch norm. Applied to every patch feature
-    (width 2D with the object-aware filter, e.g. 768 for ViT-S).
-
-    The prototype layer uses ``torch.nn.utils.parametrizations.weight_norm`` (the norm
-    is ``last_layer.parametrizations.weight.original0``, the direction ``original1``)
-    rather than the deprecated ``torch.nn.utils.weight_norm`` of Lightly's head, so
-    that ``copy.deepcopy`` works for an EMA teacher head.
-
-    As in the official ``Projector``, the bottleneck layer Linear(2048 -> 256) has no
-    bias (Lightly's DINO head has one; it is removed here).
+    - The bottleneck Linear has no bias (Lightly's block tuple ``use_bias=False``).
+    - The prototype layer uses ``torch.nn.utils.parametrizations.weight_norm`` (norm
+      ``last_layer.parametrizations.weight.original0`` fixed to 1 without
+      gradient, direction ``original1``) instead of the deprecated
+      ``torch.nn.utils.weight_norm``, so that ``copy.deepcopy`` works for an EMA
+      teacher head.
 
     - [0]: Wen et al., Semantic Concentration for Self-Supervised Dense
       Representations Learning, 2025, https://arxiv.org/abs/2509.09429
     - [1]: DINO, 2021, https://arxiv.org/abs/2104.14294
 
     Attributes:
-        input_dim: Input width (2D with the filter).
-        hidden_dim: Hidden width of the MLP.
-        bottleneck_dim: Width of the L2-normalised bottleneck.
-        output_dim: Number K of patch prototypes.
-        freeze_last_layer: Number of epochs during which the prototype layer is frozen
-            (see ``cancel_last_layer_gradients``); -1 never freezes it.
+        layers: The MLP up to the bottleneck.
+        last_layer: The weight-normalised prototype layer.
+        freeze_last_layer: Number of epochs during which the prototype layer is
+            frozen (see :meth:`cancel_last_layer_gradients`); -1 never freezes it.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        output_dim: int,
+        freeze_last_layer: int = -1,
+    ) -> None:
+        """Initializes the CoTAPProjectionHead with the specified dimensions.
+
+        Args:
+            input_dim: Input width (2D with the object-aware filter).
+            hidden_dim: Hidden width of the MLP.
+            bottleneck_dim: Width of the L2-normalised bottleneck.
+            output_dim: Number of prototypes K.
+            freeze_last_layer: Number of epochs during which the prototype layer is
+                frozen; -1 never freezes it.
+
+        Raises:
+            ValueError: If a dimension is not positive.
+        """
+        dims = {
+            "input_dim": input_dim,
+            "hidden_dim": hidden_dim,
+            "bottleneck_dim": bottleneck_dim,
+            "output_dim": output_dim,
+        }
+        for name, value in dims.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        super().__init__(
+            [
+                (input_dim, hidden_dim, None, nn.GELU()),
+                (hidden_dim, hidden_dim, None, nn.GELU()),
+                (hidden_dim, bottleneck_dim, None, None, False),
+            ]
+        )
+        for module in self.layers:
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=0.02, a=-2, b=2)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.freeze_last_layer = freeze_last_layer
+        self.last_layer = parametrizations.weight_norm(
+            nn.Linear(bottleneck_dim, output_dim, bias=False), name="weight", dim=0
+        )
+        norm = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            norm.fill_(1.0)
+        norm.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Computes the prototype scores of every vector along the last dimension.
+
+        Args:
+            x: Features. Shape: (..., input_dim), e.g. (B, input_dim) or
+                (B, H, W, input_dim).
+
+        Returns:
+            Cosine scores to the prototypes. Shape: (..., output_dim).
+        """
+        x = self.layers(x)
+        x = nn.functional.normalize(x, dim=-1, p=2)
+        scores: Tensor = self.last_layer(x)
+        return scores
+
+    def cancel_last_layer_gradients(self, current_epoch: int) -> None:
+        """Drops the gradients of the prototype layer during the first epochs.
+
+        Args:
+            current_epoch: The current epoch; gradients are dropped while it is
+                below ``freeze_last_layer``.
+        """
+        if current_epoch >= self.freeze_last_layer:
+            return
+        for param in self.last_layer.parameters():
+            param.grad = None
+
+
+class CoTAPPatchProjectionHead(CoTAPProjectionHead):
+    """Patch projection head used in CoTAP [0].
+
+    A :class:`CoTAPProjectionHead` with the official dimensions: input 2D with the
+    object-aware filter (768 for ViT-S), hidden 2048, bottleneck 256 and K = 512
+    patch prototypes. It applies to every position of the channel-last dense
+    output of :class:`~lightly_cotap.models.CoTAPVisionTransformer`.
+
+    - [0]: Wen et al., Semantic Concentration for Self-Supervised Dense
+      Representations Learning, 2025, https://arxiv.org/abs/2509.09429
 
     Examples:
         >>> head = CoTAPPatchProjectionHead(input_dim=768)
-        >>> dense = torch.randn(2, 768, 14, 14)  # CoTAPVisionTransformer(...).dense
-        >>> scores = head.forward_dense(dense)  # (2, 512, 14, 14)
+        >>> dense = torch.randn(2, 14, 14, 768)  # CoTAPVisionTransformer(...).dense
+        >>> scores = head(dense)  # (2, 14, 14, 512)
     """
 
     def __init__(
@@ -117,11 +148,10 @@ class CoTAPPatchProjectionHead(DINOProjectionHead):
     ) -> None:
         """Initializes the CoTAPPatchProjectionHead with the specified dimensions.
 
-        Raises:
-            ValueError: If a dimension is not positive.
+        The arguments are those of :class:`CoTAPProjectionHead`; ``output_dim`` is
+        the number K of patch prototypes.
         """
-        _build_dino_head(
-            self,
+        super().__init__(
             input_dim=input_dim,
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,
@@ -129,47 +159,20 @@ class CoTAPPatchProjectionHead(DINOProjectionHead):
             freeze_last_layer=freeze_last_layer,
         )
 
-    def forward_dense(self, features: Tensor) -> Tensor:
-        """Applies the head to every location of a feature map.
 
-        Args:
-            features: Dense features. Shape: (B, input_dim, H, W).
-
-        Returns:
-            Prototype scores. Shape: (B, output_dim, H, W).
-
-        Raises:
-            ValueError: If the input shape is invalid.
-        """
-        in_dim = self.layers[0].in_features
-        if features.ndim != 4 or features.shape[1] != in_dim:
-            raise ValueError(
-                f"features must have shape (B, {in_dim}, H, W), got "
-                f"{tuple(features.shape)}."
-            )
-        out: Tensor = self(features.permute(0, 2, 3, 1))
-        return out.permute(0, 3, 1, 2)
-
-
-class CoTAPClsProjectionHead(DINOProjectionHead):
+class CoTAPClsProjectionHead(CoTAPProjectionHead):
     """CLS projection head used in CoTAP [0].
 
-    Same DINO-style architecture [1] as :class:`CoTAPPatchProjectionHead` (2D -> 2048
-    -> 2048 -> 256 without bias, L2 norm, weight-normalised prototype layer with
-    ``weight_g`` fixed to 1, no batch norm) with K = 4096 prototypes, applied to the
-    CLS token.
+    A :class:`CoTAPProjectionHead` with the official dimensions (input 2D with the
+    object-aware filter, hidden 2048, bottleneck 256) and K = 4096 CLS prototypes,
+    applied to the CLS feature.
 
     - [0]: Wen et al., Semantic Concentration for Self-Supervised Dense
       Representations Learning, 2025, https://arxiv.org/abs/2509.09429
-    - [1]: DINO, 2021, https://arxiv.org/abs/2104.14294
 
-    Attributes:
-        input_dim: Input width (2D with the filter).
-        hidden_dim: Hidden width of the MLP.
-        bottleneck_dim: Width of the L2-normalised bottleneck.
-        output_dim: Number K of CLS prototypes.
-        freeze_last_layer: Number of epochs during which the prototype layer is frozen;
-            -1 never freezes it.
+    Examples:
+        >>> head = CoTAPClsProjectionHead(input_dim=768)
+        >>> scores = head(torch.randn(2, 768))  # (2, 4096)
     """
 
     def __init__(
@@ -182,11 +185,10 @@ class CoTAPClsProjectionHead(DINOProjectionHead):
     ) -> None:
         """Initializes the CoTAPClsProjectionHead with the specified dimensions.
 
-        Raises:
-            ValueError: If a dimension is not positive.
+        The arguments are those of :class:`CoTAPProjectionHead`; ``output_dim`` is
+        the number K of CLS prototypes.
         """
-        _build_dino_head(
-            self,
+        super().__init__(
             input_dim=input_dim,
             hidden_dim=hidden_dim,
             bottleneck_dim=bottleneck_dim,

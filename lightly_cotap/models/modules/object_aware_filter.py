@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightly_cotap.models.modules.timm_attention import qkv_projection
+
 
 class ObjectAwareFilter(nn.Module):
     """Object-aware filter from the CoTAP paper [0].
@@ -221,23 +223,11 @@ class ObjectAwareFilter(nn.Module):
                 f"{tuple(cls.shape)}."
             )
 
-    def _split_qkv_weight(self) -> tuple[Tensor, Tensor | None, int]:
-        qkv: nn.Linear = self._blk.attn.qkv
-        attn_dim = qkv.out_features // 3
-        return qkv.weight, qkv.bias, attn_dim
-
     def _queries(self, tokens: Tensor) -> Tensor:
         """Per-head queries of LN1(tokens). (B, N, D) -> (B, N, heads, head_dim)."""
         block = self._blk
-        attn = block.attn
-        weight, bias, attn_dim = self._split_qkv_weight()
-        q = F.linear(
-            block.norm1(tokens),
-            weight[:attn_dim],
-            None if bias is None else bias[:attn_dim],
-        )
-        q = q.unflatten(-1, (attn.num_heads, attn.head_dim))
-        q_normed: Tensor = attn.q_norm(q)
+        q = qkv_projection(block.attn, block.norm1(tokens), "q")[..., 0, :, :]
+        q_normed: Tensor = block.attn.q_norm(q)
         return q_normed
 
     def _prototype_keys_values(self) -> tuple[Tensor, Tensor]:
@@ -252,11 +242,7 @@ class ObjectAwareFilter(nn.Module):
         if not self.train_prototypes:
             prototypes = prototypes.detach()
         tokens = self.norm_in(prototypes.permute(0, 2, 3, 1))  # (M, k, k, D)
-        weight, bias, attn_dim = self._split_qkv_weight()
-        kv = F.linear(
-            tokens, weight[attn_dim:], None if bias is None else bias[attn_dim:]
-        )
-        kv = kv.unflatten(-1, (2, attn.num_heads, attn.head_dim))
+        kv = qkv_projection(attn, tokens, "kv")
         keys = attn.k_norm(kv[..., 0, :, :])
         values = kv[..., 1, :, :].mean(dim=(1, 2))
         return keys, values

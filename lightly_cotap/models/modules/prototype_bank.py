@@ -54,6 +54,14 @@ class PrototypeBank(MemoryBankModule):
     ) -> None:
         """Initializes the PrototypeBank with the specified parameters.
 
+        Args:
+            num_samples: Capacity N of the bank (paper: 1024).
+            dim: Width of a sample, D * k * k.
+            num_update_when_full: Samples added per :meth:`update` once the bank is
+                full; None adds all (official code: 32).
+            gather_distributed: Gather the samples of all processes before adding
+                them (``lightly.models.utils.concat_all_gather``).
+
         Raises:
             ValueError: If an argument is invalid.
         """
@@ -66,6 +74,7 @@ class PrototypeBank(MemoryBankModule):
                 f"num_update_when_full must be positive or None, got "
                 f"{num_update_when_full}."
             )
+        # As Lightly's losses do: lightly.utils.dist has no availability check.
         if gather_distributed and not torch.distributed.is_available():
             raise ValueError(
                 "gather_distributed is True but torch.distributed is not available."

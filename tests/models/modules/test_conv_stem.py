@@ -48,7 +48,7 @@ def test_vit_with_stem_runs_checks_channels_and_round_trips() -> None:
     assert model.conv_stem and isinstance(model.vit.patch_embed.proj, ConvStem)
     x = torch.randn(2, 3, 32, 48)
     out = model(x, return_fg_mask=True)
-    assert out.dense.shape == (2, 2 * 192, 4, 6) and out.fg_mask is not None
+    assert out.dense.shape == (2, 4, 6, 2 * 192) and out.fg_mask is not None
     with pytest.raises(ValueError, match="3 channels"):
         model(torch.randn(2, 4, 32, 32))
     exported = export_state_dict(model)

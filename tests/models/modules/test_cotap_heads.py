@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import update_momentum
 from torch import nn
 
@@ -66,16 +67,41 @@ def test_outputs_are_cosine_scores(head_cls: type[nn.Module]) -> None:
     assert out.abs().max() <= 1.0 + 1e-6
 
 
-def test_patch_head_forward_dense() -> None:
+def test_patch_head_applies_to_channel_last_maps() -> None:
     head = CoTAPPatchProjectionHead(
         input_dim=12, hidden_dim=16, bottleneck_dim=8, output_dim=6
     )
-    feats = torch.randn(2, 12, 3, 4)
-    out = head.forward_dense(feats)
-    assert out.shape == (2, 6, 3, 4)
-    torch.testing.assert_close(out[1, :, 2, 3], head(feats[1, :, 2, 3]))
-    with pytest.raises(ValueError, match=r"\(B, 12, H, W\)"):
-        head.forward_dense(torch.randn(2, 3, 4, 12))
+    feats = torch.randn(2, 3, 4, 12)  # (B, H, W, D)
+    out = head(feats)
+    assert out.shape == (2, 3, 4, 6)
+    torch.testing.assert_close(out[1, 2, 3], head(feats[1, 2, 3]))
+    with pytest.raises(RuntimeError):
+        head(torch.randn(2, 12, 3, 4))  # channel-first maps are rejected
+
+
+@pytest.mark.parametrize("head_cls", HEADS)
+def test_head_is_lightlys_dino_head_with_a_bias_free_bottleneck(
+    head_cls: type[nn.Module],
+) -> None:
+    torch.manual_seed(0)
+    head: Any = head_cls(input_dim=12, hidden_dim=16, bottleneck_dim=8, output_dim=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # Lightly's weight_norm
+        dino = DINOProjectionHead(12, 16, 8, 6, batch_norm=False, norm_last_layer=True)
+    direction = head.last_layer.parametrizations.weight.original1
+    direction.data.normal_()
+    with torch.no_grad():
+        for mine, theirs in zip(head.layers, dino.layers):
+            if isinstance(mine, nn.Linear):
+                theirs.weight.copy_(mine.weight)
+                theirs.bias.copy_(0.0 if mine.bias is None else mine.bias)
+        dino.last_layer.weight_v.copy_(direction)
+    x = torch.randn(2, 3, 12)
+    torch.testing.assert_close(head(x), dino(x))
+    # Lightly's initialisation: truncated normal (std 0.02) weights, zero biases.
+    weights = torch.cat([m.weight.detach().flatten() for m in head.layers[::2]])
+    assert weights.abs().max() <= 2.0 and 0.015 < float(weights.std()) < 0.025
+    assert not head.layers[0].bias.any() and not head.layers[2].bias.any()
 
 
 @pytest.mark.parametrize("head_cls", HEADS)
@@ -106,8 +132,8 @@ def test_invalid_dims(head_cls: type[nn.Module]) -> None:
 
 @pytest.mark.parametrize("head_cls", HEADS)
 def test_building_a_head_emits_no_warning(head_cls: type[nn.Module]) -> None:
-    # Lightly's DINO head uses the deprecated weight_norm (a FutureWarning); the
-    # heads build it quietly, and only that warning is silenced.
+    # The heads use torch's weight_norm parametrization, not the deprecated
+    # torch.nn.utils.weight_norm of Lightly's DINO head: no warning at all.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         head_cls(input_dim=24, hidden_dim=32, bottleneck_dim=8, output_dim=10)

@@ -1,30 +1,20 @@
-"""Model utilities: foreground masks from attention, spherical k-means and checkpoint
-key mapping.
+"""Checkpoint key mapping: any supported ViT checkpoint onto a CoTAP backbone.
 
-This module holds the ONE implementation of each of these helpers for the whole
-project:
+Maps timm, DINO/iBOT, official CoTAP, Lightning and lightly-cotap checkpoints onto a
+:class:`~lightly_cotap.models.cotap_vit.CoTAPVisionTransformer`, reporting every
+unused or missing key. Position embeddings are resampled with timm's
+``resample_abs_pos_embed``. The key mapping stays hand-written: timm's
+``checkpoint_filter_fn`` converts one known layout into one timm ViT and drops keys
+without saying so, and ``clean_state_dict`` strips only the DDP / ``torch.compile``
+prefixes, while this mapper must choose the backbone among student / teacher copies
+under any prefix, map the filter keys and account for every key.
 
-- :func:`foreground_mask_from_attention`: DINO/Leopart-style binary foreground mask
-  from (CLS -> patch) attention maps, used for the CoTAP teacher [0].
-- :func:`spherical_kmeans`: k-means on the unit sphere (cosine similarity), used to
-  initialise the object prototypes of the object-aware filter [0].
-- :func:`extract_backbone_state_dict` / :func:`load_backbone_state_dict`: map timm,
-  DINO/iBOT, official CoTAP, Lightning and lightly-cotap checkpoints onto a
-  :class:`~lightly_cotap.models.cotap_vit.CoTAPVisionTransformer`, reporting every
-  unused or missing key.
-
-- [0]: Wen et al., Semantic Concentration for Self-Supervised Dense Representations
-  Learning, 2025, https://arxiv.org/abs/2509.09429
-- [1]: DINO, 2021, https://arxiv.org/abs/2104.14294
-- [2]: Leopart, 2022, https://arxiv.org/abs/2204.13101
+Over 400 lines: the mapping, its report and its error belong together.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import pickle
 import re
 from collections import Counter
 from collections.abc import Mapping
@@ -32,272 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
-
-# ---------------------------------------------------------------------------
-# Foreground mask from attention
-# ---------------------------------------------------------------------------
-
-
-#: Rounding tolerance of the attention mass in foreground_mask_from_attention.
-_MASS_TOLERANCE = 1e-6
-
-
-def foreground_mask_from_attention(
-    attention: Tensor,
-    grid_size: tuple[int, int] | None = None,
-    keep_mass: float = 0.6,
-    blur_kernel_size: int = 7,
-    blur_sigma: float = 0.6,
-) -> Tensor:
-    """Computes a binary foreground mask from attention maps.
-
-    Follows DINO [1] / Leopart [2] as used by the CoTAP teacher [0]: the attention
-    map is smoothed with a Gaussian blur and the smallest set of highest-attention
-    patches that together hold ``keep_mass`` of the (blurred) attention mass is kept
-    (up to a rounding tolerance of 1e-6 of the mass). Every kept patch has at least the
-    (blurred) attention of every dropped patch.
-
-    The blur uses reflect padding (torchvision's ``gaussian_blur``). For grids that
-    are smaller than the kernel, the kernel size is reduced to the largest odd size
-    that reflect padding supports (``2 * min(H, W) - 1``).
-
-    Args:
-        attention: Non-negative attention of the CLS token to the patches, usually
-            averaged over heads. Shape: (B, N) with N = H * W, or (B, H, W).
-        grid_size: The patch grid (H, W). Required for (B, N) input; for
-            (B, H, W) input it is optional and must match.
-        keep_mass: Fraction of the attention mass to keep, in (0, 1].
-        blur_kernel_size: Size of the Gaussian kernel (odd). 1 disables the blur.
-        blur_sigma: Standard deviation of the Gaussian kernel in patches.
-
-    Returns:
-        Boolean foreground mask. Shape: (B, H, W).
-
-    Raises:
-        ValueError: If the shapes or the arguments are invalid.
-    """
-    if not 0.0 < keep_mass <= 1.0:
-        raise ValueError(f"keep_mass must be in (0, 1], got {keep_mass}.")
-    if blur_kernel_size < 1 or blur_kernel_size % 2 == 0:
-        raise ValueError(
-            f"blur_kernel_size must be a positive odd integer, got {blur_kernel_size}."
-        )
-    if blur_sigma <= 0:
-        raise ValueError(f"blur_sigma must be positive, got {blur_sigma}.")
-    if attention.ndim == 3:
-        height, width = int(attention.shape[1]), int(attention.shape[2])
-        if grid_size is not None and tuple(grid_size) != (height, width):
-            raise ValueError(
-                f"grid_size {tuple(grid_size)} does not match the attention map "
-                f"shape {tuple(attention.shape)}."
-            )
-    elif attention.ndim == 2:
-        if grid_size is None:
-            raise ValueError(
-                "grid_size=(H, W) is required for attention of shape (B, N), got "
-                f"shape {tuple(attention.shape)}."
-            )
-        height, width = int(grid_size[0]), int(grid_size[1])
-        if height * width != attention.shape[1]:
-            raise ValueError(
-                f"grid_size {tuple(grid_size)} has {height * width} cells but the "
-                f"attention has shape {tuple(attention.shape)}."
-            )
-    else:
-        raise ValueError(
-            "attention must have shape (B, N) or (B, H, W), got shape "
-            f"{tuple(attention.shape)}."
-        )
-
-    batch_size = attention.shape[0]
-    att = attention.detach().reshape(batch_size, 1, height, width)
-    if att.dtype not in (torch.float32, torch.float64):
-        att = att.float()
-    kernel_size = min(blur_kernel_size, 2 * min(height, width) - 1)
-    if kernel_size > 1 and batch_size > 0:
-        from torchvision.transforms.functional import gaussian_blur
-
-        att = gaussian_blur(
-            att, kernel_size=[kernel_size, kernel_size], sigma=[blur_sigma, blur_sigma]
-        )
-    flat = att.reshape(batch_size, height * width).double()
-    values, order = torch.sort(flat, dim=1, descending=True)
-    total = values.sum(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
-    mass = values / total
-    # Keep a patch if the mass of all patches with higher attention is below
-    # keep_mass, i.e. the smallest prefix that reaches keep_mass (up to a 1e-6
-    # tolerance against rounding).
-    mass_before = torch.cumsum(mass, dim=1) - mass
-    keep_sorted = mass_before < keep_mass - _MASS_TOLERANCE
-    mask = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
-    return mask.reshape(batch_size, height, width)
-
-
-# ---------------------------------------------------------------------------
-# Spherical k-means
-# ---------------------------------------------------------------------------
-
-
-def _max_similarity(
-    x: Tensor, centers: Tensor, chunk_size: int = 65536
-) -> tuple[Tensor, Tensor]:
-    """Returns the highest cosine similarity and its center index for each row."""
-    sims = []
-    indices = []
-    for start in range(0, x.shape[0], chunk_size):
-        s, i = (x[start : start + chunk_size] @ centers.T).max(dim=1)
-        sims.append(s)
-        indices.append(i)
-    return torch.cat(sims), torch.cat(indices)
-
-
-def _kmeans_plus_plus_init(
-    x: Tensor, num_clusters: int, generator: torch.Generator | None
-) -> Tensor:
-    """k-means++ seeding with the cosine distance 1 - cos on unit vectors."""
-    n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
-    chosen = [first]
-    min_dist = (1.0 - x @ x[first]).clamp_min(0.0)
-    for _ in range(1, num_clusters):
-        weights = min_dist.double().cpu() ** 2
-        if float(weights.sum()) <= 0.0:
-            # Fewer distinct points than clusters: pick uniformly at random.
-            idx = int(torch.randint(n, (1,), generator=generator, device="cpu"))
-        else:
-            idx = int(torch.multinomial(weights, 1, generator=generator))
-        chosen.append(idx)
-        min_dist = torch.minimum(min_dist, (1.0 - x @ x[idx]).clamp_min(0.0))
-    return x[torch.tensor(chosen, device=x.device)].clone()
-
-
-def spherical_kmeans(
-    x: Tensor,
-    num_clusters: int,
-    num_iters: int = 300,
-    generator: torch.Generator | None = None,
-    tol: float = 0.0,
-    init: str = "k-means++",
-    progress: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Spherical k-means (k-means with cosine similarity on L2-normalised vectors).
-
-    The rows of ``x`` are L2-normalised; centers are unit vectors. Each iteration
-    assigns every point to the center of highest cosine similarity and sets each
-    center to the normalised sum of its points. The objective
-    ``mean_i (1 - cos(x_i, c_{a_i}))`` never increases: the center update maximises
-    the within-cluster cosine sum and the assignment picks the best center.
-
-    Empty clusters are re-seeded with the points that are currently worst fitted
-    (lowest similarity to their center, distinct points), which cannot increase the
-    objective. CoTAP [0] uses this (with random re-seeding) to initialise the object
-    prototypes from a memory bank of pooled block features.
-
-    Args:
-        x: Points. Shape: (N, d).
-        num_clusters: Number of clusters K, 1 <= K <= N.
-        num_iters: Maximum number of (update, assignment) iterations. 0 returns the
-            initial centers.
-        generator: Optional random generator (CPU) for a reproducible seeding.
-        tol: Stop when the objective improves by no more than ``tol``. Iteration
-            also stops when the assignments no longer change.
-        init: "k-means++" (default, D^2 seeding with the cosine distance) or
-            "random" (K distinct random points, as in the official CoTAP code).
-        progress: Show a tqdm progress bar.
-
-    Returns:
-        Tuple ``(centers, assignments)`` with unit-norm centers of shape (K, d) in the
-        dtype of ``x`` and the cluster index of every point, shape (N,), dtype long.
-
-    Raises:
-        ValueError: If ``x`` is not 2D, contains non-finite values, or the arguments
-            are invalid.
-    """
-    if x.ndim != 2:
-        raise ValueError(f"x must have shape (N, d), got shape {tuple(x.shape)}.")
-    n, d = x.shape
-    if num_clusters < 1 or num_clusters > n:
-        raise ValueError(
-            f"num_clusters must be in [1, N] = [1, {n}], got {num_clusters}."
-        )
-    if num_iters < 0:
-        raise ValueError(f"num_iters must be non-negative, got {num_iters}.")
-    if tol < 0:
-        raise ValueError(f"tol must be non-negative, got {tol}.")
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"init must be 'k-means++' or 'random', got {init!r}.")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or infinite values.")
-
-    with torch.no_grad():
-        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xn = F.normalize(x.detach().to(compute_dtype), dim=1)
-        if init == "random":
-            perm = torch.randperm(n, generator=generator, device="cpu")[:num_clusters]
-            centers = xn[perm.to(xn.device)].clone()
-        else:
-            centers = _kmeans_plus_plus_init(xn, num_clusters, generator)
-        best_sim, assignments = _max_similarity(xn, centers)
-        objective = float((1.0 - best_sim).mean())
-
-        iterator: Any = range(num_iters)
-        if progress:
-            from tqdm import tqdm
-
-            iterator = tqdm(iterator, desc="spherical k-means")
-        for _ in iterator:
-            # Update step.
-            sums = torch.zeros_like(centers).index_add_(0, assignments, xn)
-            counts = torch.bincount(assignments, minlength=num_clusters)
-            norms = sums.norm(dim=1, keepdim=True)
-            # A cluster whose points sum to ~0 keeps its center (every unit vector is
-            # equally good for it).
-            valid = (counts > 0) & (norms.squeeze(1) > 1e-12)
-            new_centers = torch.where(
-                valid[:, None], sums / norms.clamp_min(1e-12), centers
-            )
-            empty = torch.nonzero(counts == 0).flatten()
-            if empty.numel() > 0:
-                # Re-seed empty clusters with the worst-fitted points.
-                worst = torch.argsort(best_sim)[: empty.numel()]
-                new_centers[empty] = xn[worst]
-            centers = new_centers
-
-            # Assignment step.
-            new_best_sim, new_assignments = _max_similarity(xn, centers)
-            new_objective = float((1.0 - new_best_sim).mean())
-            unchanged = bool(torch.equal(new_assignments, assignments))
-            improvement = objective - new_objective
-            best_sim, assignments, objective = (
-                new_best_sim,
-                new_assignments,
-                new_objective,
-            )
-            if unchanged or improvement <= tol:
-                break
-
-    return centers.to(x.dtype), assignments
-
-
-def spherical_kmeans_objective(x: Tensor, centers: Tensor) -> Tensor:
-    """Spherical k-means objective ``mean_i (1 - max_k cos(x_i, c_k))``.
-
-    Args:
-        x: Points. Shape: (N, d).
-        centers: Centers. Shape: (K, d).
-
-    Returns:
-        Scalar objective (lower is better).
-    """
-    sims = F.normalize(x, dim=1) @ F.normalize(centers, dim=1).T
-    return (1.0 - sims.max(dim=1).values).mean()
-
-
-# ---------------------------------------------------------------------------
-# Checkpoint loading and key mapping
-# ---------------------------------------------------------------------------
 
 #: Key every supported ViT checkpoint contains (after its prefix).
 _ANCHOR_KEY = "patch_embed.proj.weight"
@@ -342,7 +68,11 @@ class CheckpointLoadReport:
     )
 
     def resample_note(self) -> str | None:
-        """One line naming the from / to grids of the resampled keys, or None."""
+        """One line naming the from / to grids of the resampled keys.
+
+        Returns:
+            The line, or None if nothing was resampled.
+        """
         if not self.resampled_grids:
             return None
         parts = [
@@ -353,7 +83,12 @@ class CheckpointLoadReport:
         return "; ".join(parts) + " (bicubic, timm's resample_abs_pos_embed)"
 
     def summary(self) -> str:
-        """Returns a human-readable multi-line summary."""
+        """A human-readable summary of the report.
+
+        Returns:
+            Several lines: prefix, counts, missing / unexpected / resampled keys and
+            the ignored keys grouped by reason.
+        """
         lines = [
             f"prefix: {self.prefix!r}",
             f"loaded: {len(self.loaded_keys)} keys",
@@ -374,118 +109,8 @@ class CheckpointLoadReport:
         return "\n".join(lines)
 
 
-class CheckpointFileError(ValueError):
-    """A checkpoint file that cannot be loaded, with what is wrong with it.
-
-    Attributes:
-        path: The file.
-        problem: What is wrong (empty, truncated, not a checkpoint, or pickled
-            objects that safe loading refuses), without advice.
-        needs_unsafe_load: True if the file is a checkpoint that only
-            ``weights_only=False`` can load (it holds pickled Python objects).
-    """
-
-    def __init__(self, path: str, problem: str, needs_unsafe_load: bool = False):
-        """Initializes the error.
-
-        Args:
-            path: The file.
-            problem: What is wrong with it.
-            needs_unsafe_load: Whether only ``weights_only=False`` loads it.
-        """
-        self.path = path
-        self.problem = problem
-        self.needs_unsafe_load = needs_unsafe_load
-        advice = (
-            "; load it with weights_only=False only if you trust its source"
-            if needs_unsafe_load
-            else ""
-        )
-        super().__init__(f"{path}: {problem}{advice}")
-
-
 class CheckpointMismatchError(ValueError):
     """Checkpoint weights that do not fit the model (shapes or, strictly, keys)."""
-
-
-def _blocked_global(message: str) -> str:
-    """The object named in torch's 'Weights only load failed' message."""
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    return match.group(1) if match else "unsupported object"
-
-
-def load_checkpoint_file(
-    path: str | os.PathLike[str], weights_only: bool = True
-) -> dict[str, Any]:
-    """Loads a checkpoint file on the CPU without network access.
-
-    Uses ``torch.load(weights_only=True)`` by default (``argparse.Namespace`` is
-    allowed, as in DINO/iBOT training checkpoints). Files that need arbitrary
-    pickled objects (some Lightning ``.ckpt`` hyper-parameters) raise a
-    :class:`CheckpointFileError` that names the blocked object; pass
-    ``weights_only=False`` only for files you trust. Empty, truncated and non-torch
-    files raise a :class:`CheckpointFileError` that says so (not torch's reader
-    error).
-
-    Args:
-        path: Path to a ``.pth`` / ``.pt`` / ``.ckpt`` file.
-        weights_only: Restrict unpickling to tensors and primitive types.
-
-    Returns:
-        The loaded checkpoint dict.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        CheckpointFileError: If the file is empty, damaged, not a checkpoint, holds
-            objects that safe loading refuses, or does not hold a dict.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint file not found: {path}")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise CheckpointFileError(path, "empty file (0 bytes), not a checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    # torch.save writes a zip archive ("PK"), or a pickle (protocol opcode 0x80).
-    if head != b"PK" and head[:1] != b"\x80":
-        raise CheckpointFileError(
-            path, "not a PyTorch checkpoint (not written by torch.save)"
-        )
-    try:
-        if weights_only:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except pickle.UnpicklingError as ex:
-        if "Unsupported global" in str(ex):
-            raise CheckpointFileError(
-                path,
-                f"holds pickled Python objects ({_blocked_global(str(ex))}) that "
-                "safe loading (weights_only=True) refuses",
-                needs_unsafe_load=True,
-            ) from ex
-        raise CheckpointFileError(
-            path, "not a PyTorch checkpoint (not written by torch.save)"
-        ) from ex
-    except (EOFError, RuntimeError) as ex:
-        # torch's zip reader ("failed finding central directory") or the legacy
-        # unpickler stopped before the end of the data: the file is cut short.
-        raise CheckpointFileError(
-            path,
-            f"truncated or damaged ({size} bytes, the data ends early or is "
-            "corrupt); copy, download or export it again",
-        ) from ex
-    except (KeyError, ValueError, AttributeError, ImportError) as ex:
-        raise CheckpointFileError(
-            path, "not a PyTorch checkpoint (not written by torch.save)"
-        ) from ex
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointFileError(
-            path, f"must contain a dict, got {type(checkpoint).__name__}"
-        )
-    return dict(checkpoint)
 
 
 def _unwrap_checkpoint(
@@ -837,8 +462,6 @@ def _resample_pos_embed(
     Returns:
         The resampled embedding and the ``(old, new)`` patch grids.
     """
-    from timm.layers import resample_abs_pos_embed
-
     num_prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
     old_patches = value.shape[1] - num_prefix
     new_patches = expected.shape[1] - num_prefix
