@@ -16,10 +16,6 @@ from lightly_cotap.data.embedding import embed_dataset
 from lightly_cotap.data.neighbors import NeighborIndex, cosine_topk_neighbors
 from lightly_cotap.data.sample_images import SampleImageDataset
 
-# Class of each sample image (sorted by file name) in the class-folder fixture;
-# class "c" has a single image.
-CLASS_OF_IMAGE = ["a", "a", "a", "b", "b", "b", "b", "c"]
-
 
 def _small_tensor(image: Image.Image) -> Tensor:
     """Deterministic image -> (3, 32, 32) tensor."""
