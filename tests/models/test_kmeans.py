@@ -101,3 +101,53 @@ class TestSphericalKMeans:
             spherical_kmeans(torch.randn(3, 2), 2, init="kmeans")
         with pytest.raises(ValueError, match="num_iters"):
             spherical_kmeans(torch.randn(3, 2), 2, num_iters=-1)
+
+    @pytest.mark.parametrize("init", ["k-means++", "random"])
+    def test_result_is_a_fixed_point_of_the_iteration(self, init: str) -> None:
+        # Random data needs several iterations; with tol=0 the result must be
+        # converged: the centers are the normalised means of their points and every
+        # point is assigned to its most similar center.
+        torch.manual_seed(5)
+        x = torch.randn(400, 6, dtype=torch.float64)
+        g = torch.Generator().manual_seed(1)
+        centers, assignments = spherical_kmeans(x, 12, generator=g, init=init)
+        xn = F.normalize(x, dim=1)
+        assert torch.equal(assignments, (xn @ centers.T).argmax(dim=1))
+        sums = torch.zeros_like(centers).index_add_(0, assignments, xn)
+        torch.testing.assert_close(centers, F.normalize(sums, dim=1))
+        one_step, _ = spherical_kmeans(
+            x, 12, num_iters=1, generator=torch.Generator().manual_seed(1), init=init
+        )
+        assert not torch.allclose(one_step, centers)  # the data needs > 1 iteration
+
+    def test_as_many_clusters_as_points(self) -> None:
+        x = torch.randn(5, 3)
+        centers, assignments = spherical_kmeans(x, 5)
+        assert sorted(assignments.tolist()) == [0, 1, 2, 3, 4]
+        assert float(spherical_kmeans_objective(x, centers)) == pytest.approx(
+            0.0, abs=1e-6
+        )
+
+    def test_progress_bar(self, capsys: pytest.CaptureFixture[str]) -> None:
+        x = torch.randn(60, 4)
+        quiet = spherical_kmeans(x, 3, generator=torch.Generator().manual_seed(0))
+        shown = spherical_kmeans(
+            x, 3, generator=torch.Generator().manual_seed(0), progress=True
+        )
+        assert torch.equal(quiet[0], shown[0]) and torch.equal(quiet[1], shown[1])
+        assert "spherical k-means" in capsys.readouterr().err
+
+    def test_objective_matches_its_formula(self) -> None:
+        torch.manual_seed(2)
+        x, centers = torch.randn(30, 5, dtype=torch.float64), torch.randn(4, 5)
+        cos = torch.tensor(
+            [
+                [float(F.cosine_similarity(p, c.double(), dim=0)) for c in centers]
+                for p in x
+            ],
+            dtype=torch.float64,
+        )
+        expected = (1.0 - cos.max(dim=1).values).mean()
+        torch.testing.assert_close(
+            spherical_kmeans_objective(x, centers.double()), expected
+        )
