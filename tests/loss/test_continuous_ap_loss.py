@@ -4,6 +4,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from ranking_lists import random_lists, value_and_grad
 from sklearn.metrics import average_precision_score
 from torch import Tensor
 
@@ -67,29 +68,6 @@ def reference_loss(
     return numerator / denominator
 
 
-def _random_lists(
-    shape: tuple[int, ...], ties: bool, seed: int
-) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    s = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.6
-    t = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
-    if ties:
-        s = (s * 4).round() / 4
-        t = (t * 3).round() / 3
-    return s, t
-
-
-def _value_and_grad(
-    fn: Callable[..., Tensor],
-    s: Tensor,
-    **kwargs: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    s = s.clone().requires_grad_(True)
-    value = fn(scores=s, **kwargs)
-    (grad,) = torch.autograd.grad(value, s)
-    return value.detach(), grad
-
-
 @pytest.mark.parametrize("method", ["dense", "fast"])
 @pytest.mark.parametrize("shape", [(23,), (3, 17)])
 @pytest.mark.parametrize("ties", [False, True])
@@ -102,15 +80,15 @@ def test_matches_reference(
     use_mask: bool,
     use_weights: bool,
 ) -> None:
-    s, t = _random_lists(shape, ties=ties, seed=hash((shape, ties)) % 1000)
+    s, t = random_lists(shape, ties=ties, seed=hash((shape, ties)) % 1000)
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(shape, generator=gen) > 0.25 if use_mask else None
     weights = (
         torch.rand(shape, generator=gen, dtype=torch.float64) if use_weights else None
     )
     loss_fn = ContinuousAPLoss(method=method)
-    value, grad = _value_and_grad(loss_fn, s, targets=t, weights=weights, mask=mask)
-    ref_value, ref_grad = _value_and_grad(
+    value, grad = value_and_grad(loss_fn, s, targets=t, weights=weights, mask=mask)
+    ref_value, ref_grad = value_and_grad(
         reference_loss, s, targets=t, weights=weights, mask=mask
     )
     assert value.dtype == torch.float64
@@ -122,13 +100,13 @@ def test_matches_reference(
 def test_hyperparameters_match_reference(
     kappa: float, tau: float, offset: float
 ) -> None:
-    s, t = _random_lists((2, 15), ties=False, seed=3)
+    s, t = random_lists((2, 15), ties=False, seed=3)
     for method in ("dense", "fast"):
         loss_fn = ContinuousAPLoss(
             tau=tau, kappa=kappa, weight_offset=offset, method=method
         )
-        value, grad = _value_and_grad(loss_fn, s, targets=t)
-        ref_value, ref_grad = _value_and_grad(
+        value, grad = value_and_grad(loss_fn, s, targets=t)
+        ref_value, ref_grad = value_and_grad(
             lambda **kw: reference_loss(
                 tau=tau, kappa=kappa, weight_offset=offset, **kw
             ),
@@ -141,18 +119,18 @@ def test_hyperparameters_match_reference(
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_fast_path_matches_dense_on_long_lists(ties: bool) -> None:
-    s, t = _random_lists((2, 1500), ties=ties, seed=7)
+    s, t = random_lists((2, 1500), ties=ties, seed=7)
     mask = torch.rand(2, 1500, generator=torch.Generator().manual_seed(2)) > 0.1
     dense = ContinuousAPLoss(method="dense")
     fast = ContinuousAPLoss(method="fast")
-    value_d, grad_d = _value_and_grad(dense, s, targets=t, mask=mask)
-    value_f, grad_f = _value_and_grad(fast, s, targets=t, mask=mask)
+    value_d, grad_d = value_and_grad(dense, s, targets=t, mask=mask)
+    value_f, grad_f = value_and_grad(fast, s, targets=t, mask=mask)
     torch.testing.assert_close(value_f, value_d, rtol=1e-6, atol=0.0)
     torch.testing.assert_close(grad_f, grad_d, rtol=1e-6, atol=1e-12)
 
 
 def test_negatives_and_positives_agree_per_item() -> None:
-    s, t = _random_lists((4, 300), ties=True, seed=11)
+    s, t = random_lists((4, 300), ties=True, seed=11)
     valid = torch.rand(4, 300, generator=torch.Generator().manual_seed(0)) > 0.2
     neg_d, pos_d = _ranking_ops.dense_negatives_and_positives(s, t, valid, TAU)
     rows = torch.arange(4)[:, None].expand(4, 300)
@@ -244,11 +222,11 @@ def test_step_surrogate_gives_one_minus_average_precision(seed: int) -> None:
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_invariant_to_permuting_the_list(method: str) -> None:
-    s, t = _random_lists((64,), ties=True, seed=5)
+    s, t = random_lists((64,), ties=True, seed=5)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     loss_fn = ContinuousAPLoss(method=method)
-    value, grad = _value_and_grad(loss_fn, s, targets=t)
-    value_p, grad_p = _value_and_grad(loss_fn, s[perm], targets=t[perm])
+    value, grad = value_and_grad(loss_fn, s, targets=t)
+    value_p, grad_p = value_and_grad(loss_fn, s[perm], targets=t[perm])
     torch.testing.assert_close(value_p, value, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(grad_p, grad[perm], rtol=1e-10, atol=1e-15)
 
@@ -258,31 +236,29 @@ def test_zero_when_ranked_like_targets_with_margin(method: str) -> None:
     t = torch.rand(50, dtype=torch.float64)
     rank = torch.argsort(torch.argsort(t)).to(torch.float64)
     s = rank * TAU  # same order as t, neighbouring scores exactly tau apart
-    value, grad = _value_and_grad(ContinuousAPLoss(method=method), s, targets=t)
+    value, grad = value_and_grad(ContinuousAPLoss(method=method), s, targets=t)
     assert float(value) == 0.0
     assert float(grad.abs().max()) == 0.0
     # Shrinking the margin below tau makes the loss positive.
-    value_small, _ = _value_and_grad(
-        ContinuousAPLoss(method=method), s * 0.5, targets=t
-    )
+    value_small, _ = value_and_grad(ContinuousAPLoss(method=method), s * 0.5, targets=t)
     assert float(value_small) > 0.0
 
 
 def test_gradient_moves_a_misranked_pair_the_right_way() -> None:
     t = torch.tensor([0.9, 0.1], dtype=torch.float64)
     s = torch.tensor([0.0, 0.3], dtype=torch.float64)  # higher target scored lower
-    value, grad = _value_and_grad(ContinuousAPLoss(), s, targets=t)
+    value, grad = value_and_grad(ContinuousAPLoss(), s, targets=t)
     assert float(value) > 0
     assert float(grad[0]) < 0 < float(grad[1])  # descent raises s_0 and lowers s_1
 
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_gradient_step_lowers_loss_and_fixes_misranked_pairs(method: str) -> None:
-    s, t = _random_lists((200,), ties=False, seed=9)
+    s, t = random_lists((200,), ties=False, seed=9)
     loss_fn = ContinuousAPLoss(method=method)
-    value, grad = _value_and_grad(loss_fn, s, targets=t)
+    value, grad = value_and_grad(loss_fn, s, targets=t)
     s_new = s - 0.05 * grad / grad.norm()
-    value_new, _ = _value_and_grad(loss_fn, s_new, targets=t)
+    value_new, _ = value_and_grad(loss_fn, s_new, targets=t)
     assert float(value_new) < float(value)
     # Pairs ordered against the targets move towards the targets' order on average.
     higher = t[:, None] > t[None, :]
@@ -294,7 +270,7 @@ def test_gradient_step_lowers_loss_and_fixes_misranked_pairs(method: str) -> Non
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_batched_rows_are_independent_lists(method: str) -> None:
-    s, t = _random_lists((3, 30), ties=False, seed=4)
+    s, t = random_lists((3, 30), ties=False, seed=4)
     loss_fn = ContinuousAPLoss(method=method)
     batched = loss_fn(scores=s, targets=t)
     # Weighted mean over all anchors of all rows == per-row losses combined by weight.
@@ -308,7 +284,7 @@ def test_batched_rows_are_independent_lists(method: str) -> None:
 
 
 def test_masked_items_are_ignored_even_if_not_finite() -> None:
-    s, t = _random_lists((2, 20), ties=False, seed=8)
+    s, t = random_lists((2, 20), ties=False, seed=8)
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[0, 3] = mask[1, 7] = False
     s_bad, t_bad = s.clone(), t.clone()
@@ -328,13 +304,13 @@ def test_masked_items_are_ignored_even_if_not_finite() -> None:
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_masked_rows_match_reference_values_and_gradients(method: str) -> None:
-    s, t = _random_lists((3, 30), ties=True, seed=9)
+    s, t = random_lists((3, 30), ties=True, seed=9)
     mask = torch.rand(3, 30, generator=torch.Generator().manual_seed(9)) < 0.7
     mask[2] = False  # a row without valid items
-    value, grad = _value_and_grad(
+    value, grad = value_and_grad(
         ContinuousAPLoss(method=method), s, targets=t, mask=mask
     )
-    ref_value, ref_grad = _value_and_grad(reference_loss, s, targets=t, mask=mask)
+    ref_value, ref_grad = value_and_grad(reference_loss, s, targets=t, mask=mask)
     torch.testing.assert_close(value, ref_value, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
@@ -361,7 +337,7 @@ def test_no_host_synchronisation(
         )
 
     monkeypatch.setattr(cap, "fast_negatives_and_positives", bounded_fast)
-    s, t = _random_lists((2, 40), ties=True, seed=10)
+    s, t = random_lists((2, 40), ties=True, seed=10)
     s = s.float().requires_grad_(True)
     mask = torch.arange(40).expand(2, 40) % 3 > 0 if masked else None
     loss_fn = ContinuousAPLoss(method=method)
@@ -372,7 +348,7 @@ def test_no_host_synchronisation(
 
 
 def test_fast_path_with_level_bound_matches_counted_levels() -> None:
-    s, t = _random_lists((300,), ties=True, seed=11)  # 7 distinct targets
+    s, t = random_lists((300,), ties=True, seed=11)  # 7 distinct targets
     row = (torch.arange(300) >= 100).long()
     s_counted = s.clone().requires_grad_(True)
     neg, pos = _ranking_ops.fast_negatives_and_positives(s_counted, t, row, TAU)
@@ -413,7 +389,7 @@ def test_no_valid_anchor_gives_zero_connected_to_graph(method: str, case: str) -
 
 
 def test_autocast_bf16_computes_in_float32() -> None:
-    s, t = _random_lists((500,), ties=False, seed=12)
+    s, t = random_lists((500,), ties=False, seed=12)
     s16, t16 = s.to(torch.bfloat16), t.to(torch.bfloat16)
     expected = ContinuousAPLoss()(scores=s16.float(), targets=t16.float())
     leaf = s16.clone().requires_grad_(True)
@@ -427,13 +403,13 @@ def test_autocast_bf16_computes_in_float32() -> None:
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_float32_inputs_match_float64_dense_reference(method: str) -> None:
-    s, t = _random_lists((3000,), ties=False, seed=13)
+    s, t = random_lists((3000,), ties=False, seed=13)
     s32, t32 = s.float(), t.float()
     # The reference: the dense path in float64 on the same (float32-rounded) values.
-    ref_value, ref_grad = _value_and_grad(
+    ref_value, ref_grad = value_and_grad(
         ContinuousAPLoss(method="dense"), s32.double(), targets=t32.double()
     )
-    value, grad = _value_and_grad(ContinuousAPLoss(method=method), s32, targets=t32)
+    value, grad = value_and_grad(ContinuousAPLoss(method=method), s32, targets=t32)
     assert value.dtype == grad.dtype == torch.float32
     torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(
@@ -443,7 +419,7 @@ def test_float32_inputs_match_float64_dense_reference(method: str) -> None:
 
 def test_float32_inputs_are_exact_on_anchors_with_few_negatives() -> None:
     """Anchors with a tiny NEG lose it to cancellation if the sums run in float32."""
-    s, t = _random_lists((3000,), ties=False, seed=13)
+    s, t = random_lists((3000,), ties=False, seed=13)
     s32, t32 = s.float(), t.float()
     valid = torch.ones(1, 3000, dtype=torch.bool)
     neg, _ = _ranking_ops.dense_negatives_and_positives(
@@ -464,11 +440,11 @@ def test_float32_inputs_are_exact_on_anchors_with_few_negatives() -> None:
 def test_cuda_matches_cpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("CUDA not available")
-    s, t = _random_lists((2, 3000), ties=True, seed=14)
+    s, t = random_lists((2, 3000), ties=True, seed=14)
     for method in ("dense", "fast"):
         loss_fn = ContinuousAPLoss(method=method)
-        cpu_value, cpu_grad = _value_and_grad(loss_fn, s, targets=t)
-        gpu_value, gpu_grad = _value_and_grad(loss_fn, s.cuda(), targets=t.cuda())
+        cpu_value, cpu_grad = value_and_grad(loss_fn, s, targets=t)
+        gpu_value, gpu_grad = value_and_grad(loss_fn, s.cuda(), targets=t.cuda())
         torch.testing.assert_close(gpu_value.cpu(), cpu_value, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(gpu_grad.cpu(), cpu_grad, rtol=1e-6, atol=1e-9)
 

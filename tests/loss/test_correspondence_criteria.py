@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from ranking_lists import random_lists, value_and_grad
 from torch import Tensor, nn
 
 from lightly_cotap.loss import (
@@ -189,27 +190,6 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Reference]] = {
 }
 
 
-def _random_lists(
-    shape: tuple[int, ...], ties: bool, seed: int
-) -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    s = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.6
-    t = torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1
-    if ties:
-        s = (s * 4).round() / 4
-        t = (t * 3).round() / 3
-    return s, t
-
-
-def _value_and_grad(
-    fn: Callable[..., Tensor], s: Tensor, **kwargs: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    s = s.clone().requires_grad_(True)
-    value = fn(scores=s, **kwargs)
-    (grad,) = torch.autograd.grad(value, s, allow_unused=True)
-    return value.detach(), torch.zeros_like(s) if grad is None else grad
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("shape", [(19,), (3, 13)])
 @pytest.mark.parametrize("ties", [False, True])
@@ -219,15 +199,17 @@ def test_matches_reference(
     case: str, shape: tuple[int, ...], ties: bool, use_mask: bool, use_weights: bool
 ) -> None:
     make, reference = CASES[case]
-    s, t = _random_lists(shape, ties=ties, seed=len(case) + 7 * len(shape))
+    s, t = random_lists(shape, ties=ties, seed=len(case) + 7 * len(shape))
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(shape, generator=gen) > 0.3 if use_mask else None
     weights = (
         torch.rand(shape, generator=gen, dtype=torch.float64) if use_weights else None
     )
-    value, grad = _value_and_grad(make(), s, targets=t, weights=weights, mask=mask)
-    ref_value, ref_grad = _value_and_grad(
-        reference, s, targets=t, weights=weights, mask=mask
+    value, grad = value_and_grad(
+        make(), s, allow_unused=True, targets=t, weights=weights, mask=mask
+    )
+    ref_value, ref_grad = value_and_grad(
+        reference, s, allow_unused=True, targets=t, weights=weights, mask=mask
     )
     assert value.dtype == torch.float64
     assert grad.abs().sum() > 0
@@ -242,7 +224,7 @@ def test_matches_reference(
 def test_hinge_matches_reference(
     method: str, shape: tuple[int, ...], ties: bool, use_mask: bool
 ) -> None:
-    s, t = _random_lists(shape, ties=ties, seed=11 + len(shape))
+    s, t = random_lists(shape, ties=ties, seed=11 + len(shape))
     mask = (
         torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.25
         if use_mask
@@ -252,10 +234,13 @@ def test_hinge_matches_reference(
         loss_fn = HingeContinuousAPLoss(
             tau=tau, kappa=kappa, weight_offset=offset, method=method
         )
-        value, grad = _value_and_grad(loss_fn, s, targets=t, mask=mask)
-        ref_value, ref_grad = _value_and_grad(
+        value, grad = value_and_grad(
+            loss_fn, s, allow_unused=True, targets=t, mask=mask
+        )
+        ref_value, ref_grad = value_and_grad(
             functools.partial(hinge_ap_reference, tau=tau, kappa=kappa, offset=offset),
             s,
+            allow_unused=True,
             targets=t,
             mask=mask,
         )
@@ -264,10 +249,16 @@ def test_hinge_matches_reference(
 
 
 def test_hinge_differs_from_huber_and_fast_path_on_long_lists() -> None:
-    s, t = _random_lists((3000,), ties=True, seed=5)
-    hinge_dense = _value_and_grad(HingeContinuousAPLoss(method="dense"), s, targets=t)
-    hinge_fast = _value_and_grad(HingeContinuousAPLoss(method="fast"), s, targets=t)
-    huber = _value_and_grad(ContinuousAPLoss(method="fast"), s, targets=t)
+    s, t = random_lists((3000,), ties=True, seed=5)
+    hinge_dense = value_and_grad(
+        HingeContinuousAPLoss(method="dense"), s, allow_unused=True, targets=t
+    )
+    hinge_fast = value_and_grad(
+        HingeContinuousAPLoss(method="fast"), s, allow_unused=True, targets=t
+    )
+    huber = value_and_grad(
+        ContinuousAPLoss(method="fast"), s, allow_unused=True, targets=t
+    )
     torch.testing.assert_close(hinge_fast[0], hinge_dense[0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(hinge_fast[1], hinge_dense[1], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(hinge_fast[0], huber[0])
@@ -276,7 +267,7 @@ def test_hinge_differs_from_huber_and_fast_path_on_long_lists() -> None:
 def test_binary_ap_is_continuous_ap_on_binarised_targets_with_positive_anchors() -> (
     None
 ):
-    s, t = _random_lists((2, 30), ties=False, seed=6)
+    s, t = random_lists((2, 30), ties=False, seed=6)
     w = torch.rand(2, 30, dtype=torch.float64)
     labels = (t >= 0.1).double()
     expected = ContinuousAPLoss()(scores=s, targets=labels, weights=w * labels)
@@ -293,7 +284,7 @@ def test_binary_ap_with_step_is_one_minus_average_precision(
         return (x <= 0).to(x.dtype)
 
     monkeypatch.setitem(_ranking_ops.SURROGATES, "huber", step)
-    s, t = _random_lists((40,), ties=False, seed=8)
+    s, t = random_lists((40,), ties=False, seed=8)
     value = BinaryAPLoss(threshold=0.0, method="dense")(scores=s, targets=t)
     ap = average_precision_score((t >= 0).numpy(), s.numpy())
     assert float(value) == pytest.approx(1 - ap, abs=1e-12)
@@ -368,7 +359,7 @@ def test_degenerate_lists() -> None:
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_masked_items_may_hold_nan(name: str) -> None:
-    s, t = _random_lists((2, 9), ties=False, seed=9)
+    s, t = random_lists((2, 9), ties=False, seed=9)
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[0, 2] = mask[1, 5] = False
     s_bad, t_bad = s.clone(), t.clone()
