@@ -40,7 +40,6 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -48,6 +47,7 @@ from lightly_cotap.atomic_write import save_image, write_json
 from lightly_cotap.data.copy_paste_scenes import CopyPasteScenes
 from lightly_cotap.data.copy_paste_sources import (
     TUXPAINT_CLASSES,
+    alpha_cutout,
     debian_backgrounds,
     tuxpaint_class_folders,
 )
@@ -110,30 +110,6 @@ def fetch_debian_packages(cache: Path, apt_update: bool, keep_debs: bool) -> Pat
         shutil.rmtree(debs)
     print(f"unpacked to {root} ({_du(root)}) in {time.perf_counter() - t0:.1f}s")
     return root
-
-
-def alpha_cutout(
-    image: Image.Image,
-    *,
-    min_side: int = 32,
-    foreground_range: tuple[float, float] = (0.03, 0.97),
-    alpha_threshold: int = 128,
-) -> Image.Image | None:
-    """The image as RGBA if it is a cut-out with a real alpha channel, else None.
-
-    Accepts photos and clip-art: RGBA / LA / PA images and palette or RGB images
-    with a transparent colour. The opaque fraction must lie strictly inside
-    ``foreground_range`` (no empty or fully opaque "cut-outs") and both sides must
-    be at least ``min_side`` pixels.
-    """
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-    if not has_alpha or min(image.size) < min_side:
-        return None
-    rgba = image.convert("RGBA")
-    fraction = float((np.asarray(rgba.getchannel("A")) > alpha_threshold).mean())
-    if not foreground_range[0] < fraction < foreground_range[1]:
-        return None
-    return rgba
 
 
 def _name_words(path: Path) -> list[str]:

@@ -49,6 +49,38 @@ PLASMA_PHOTOS: tuple[str, ...] = (
 )
 
 
+def alpha_cutout(
+    image: Image.Image,
+    *,
+    min_side: int = 32,
+    foreground_range: tuple[float, float] = (0.03, 0.97),
+    alpha_threshold: int = 128,
+) -> Image.Image | None:
+    """The image as RGBA if it is a cut-out with a real alpha channel, else None.
+
+    Accepts photos and clip-art: RGBA / LA / PA images and palette or RGB images
+    with a transparent colour.
+
+    Args:
+        image: Candidate cut-out.
+        min_side: Minimum width and height.
+        foreground_range: Open interval for the fraction of opaque pixels (no empty
+            or fully opaque "cut-outs").
+        alpha_threshold: Alpha above which a pixel is opaque.
+
+    Returns:
+        The RGBA image, or None if the image is not such a cut-out.
+    """
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    if not has_alpha or min(image.size) < min_side:
+        return None
+    rgba = image.convert("RGBA")
+    fraction = float((np.asarray(rgba.getchannel("A")) > alpha_threshold).mean())
+    if not foreground_range[0] < fraction < foreground_range[1]:
+        return None
+    return rgba
+
+
 def is_photo_cutout(
     image: Image.Image,
     *,
@@ -70,13 +102,18 @@ def is_photo_cutout(
     Returns:
         Whether the image passes.
     """
-    if image.mode != "RGBA" or min(image.size) < min_side:
+    if image.mode != "RGBA":
         return False
-    arr = np.asarray(image)
+    cutout = alpha_cutout(
+        image,
+        min_side=min_side,
+        foreground_range=foreground_range,
+        alpha_threshold=alpha_threshold,
+    )
+    if cutout is None:
+        return False
+    arr = np.asarray(cutout)
     opaque = arr[..., 3] > alpha_threshold
-    fraction = float(opaque.mean())
-    if not foreground_range[0] < fraction < foreground_range[1]:
-        return False
     rgb = arr[..., :3][opaque].astype(np.int64)
     packed = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
     return int(np.unique(packed).size) >= min_colors
