@@ -18,6 +18,7 @@ from dense_quality_config import (
 )
 from dense_quality_data import seed_data
 from lightly.transforms.utils import IMAGENET_NORMALIZE
+from seed_stats import format_mean_std
 
 from lightly_cotap.eval import dense_feature_fn
 from lightly_cotap.eval.visualize import pca_rgb, save_image_grid, to_uint8_images
@@ -101,9 +102,7 @@ def table(results: dict[int, dict[str, Any]], methods: list[str], p_label: str) 
     for method, scores in per_seed_scores(results, ["R", "P", *methods]).items():
         cells = []
         for metric in METRICS:
-            values = scores[metric]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
+            cells.append(format_mean_std(scores[metric]))
         lines.append(f"| {labels[method]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
+from seed_stats import format_mean_std
+
 
 @dataclass
 class Row:
@@ -12,12 +14,6 @@ class Row:
     base: str | None
     accuracies: list[float] = field(default_factory=list)
     seconds_per_step: list[float] = field(default_factory=list)
-
-
-def _fmt(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.1f} ± {spread:.1f}"
 
 
 def markdown(rows: list[Row]) -> str:
@@ -31,7 +27,7 @@ def markdown(rows: list[Row]) -> str:
         if row.base is not None:
             base = by_name[row.base].accuracies
             diffs = [a - b for a, b in zip(row.accuracies, base)]
-            delta = _fmt(diffs)
+            delta = format_mean_std(diffs)
             delta = ("+" if statistics.fmean(diffs) >= 0 else "") + delta
         per_seed = ", ".join(f"{a:.1f}" for a in row.accuracies)
         speed = (
@@ -40,7 +36,7 @@ def markdown(rows: list[Row]) -> str:
             else "—"
         )
         lines.append(
-            f"| {row.name} | {row.base or '—'} | {_fmt(row.accuracies)} | {delta} "
+            f"| {row.name} | {row.base or '—'} | {format_mean_std(row.accuracies)} | {delta} "
             f"| {per_seed} | {speed} |"
         )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ from noise_tolerance_settings import (
     axis_points,
 )
 from PIL import Image
+from seed_stats import mean_std
 
 
 def to_report(result: dict[str, Any], cfg: Config, seconds: float) -> dict[str, Any]:
@@ -92,11 +93,6 @@ def scores_of(
     table = report[name] if key == "linear_probe" else report["kmeans"][name]
     values = table.get(setting.name)
     return None if values is None else [100 * v for v in values]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return statistics.mean(values), std
 
 
 def column(setting: Setting) -> str:

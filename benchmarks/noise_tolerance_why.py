@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import warnings
 
 import torch
@@ -44,6 +43,7 @@ from noise_tolerance_train import (
     student_features,
     train_student,
 )
+from seed_stats import mean_std
 from torch import Tensor, nn
 
 from lightly_cotap.loss import ContinuousAPLoss
@@ -190,7 +190,7 @@ def interventions(paths: Paths, cfg: Config, seeds: list[int]) -> str:
     ]
     for label, name, noise, share, lr, offset, plain in runs:
         values = [score(name, noise, share, lr, s, offset, plain) for s in seeds]
-        mean, std = statistics.mean(values), statistics.stdev(values)
+        mean, std = mean_std(values)
         per = ", ".join(f"{v:.1f}" for v in values)
         lines.append(
             f"| {label} | noise {noise}, {share} same-class | {mean:.1f} ± {std:.1f} | {per} |"
