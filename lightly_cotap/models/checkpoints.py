@@ -463,6 +463,8 @@ def _resample_pos_embed(
     num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
     old_patches = value.shape[1] - num_prefix
     new_patches = expected.shape[1] - num_prefix
+    if old_patches <= 0:  # no patch grid at all
+        return None
     old_side = math.isqrt(old_patches)
     if old_side * old_side != old_patches:
         return None

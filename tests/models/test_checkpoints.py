@@ -445,6 +445,18 @@ class TestPosEmbedResampling:
             message
         )
 
+    @pytest.mark.parametrize("tokens", [1, 3])
+    def test_embedding_without_patch_tokens_is_a_mismatch(self, tokens: int) -> None:
+        # A position embedding holding no more tokens than the model's prefix (CLS +
+        # 2 registers) has no patch grid to resample.
+        state = _cotap(32, reg_tokens=2).state_dict()
+        state["vit.pos_embed"] = state["vit.pos_embed"][:, :tokens]
+        with pytest.raises(
+            CheckpointMismatchError,
+            match=rf"pos_embed: checkpoint shape \(1, {tokens}, 48\) vs model shape",
+        ):
+            _cotap(32, reg_tokens=2).load_pretrained(state)
+
 
 class TestReport:
     def test_summary_and_resample_note(self) -> None:
