@@ -393,9 +393,8 @@ class TestPosEmbedResampling:
         report = model.load_pretrained(source.state_dict())
 
         old = old_img // 8
-        new = tuple(
-            s // 8 for s in ((new_img,) * 2 if isinstance(new_img, int) else new_img)
-        )
+        new_h, new_w = (new_img, new_img) if isinstance(new_img, int) else new_img
+        new = (new_h // 8, new_w // 8)
         assert report.resampled_keys == ["pos_embed"]
         assert report.resampled_grids == {"pos_embed": ((old, old), new)}
         loaded = model.vit.pos_embed.detach()
