@@ -28,18 +28,21 @@ from lightly_cotap.models.checkpoints import (
 
 
 def _vit(
-    embed_dim: int = 48, depth: int = 2, img_size: int = 32, seed: int = 0
+    img_size: int | tuple[int, int] = 32, seed: int = 0, **timm_kwargs: Any
 ) -> VisionTransformer:
+    """A small timm ViT (48 wide, 2 blocks, 8 px patches) unless ``timm_kwargs`` say
+    otherwise.
+    """
     torch.manual_seed(seed)
-    return VisionTransformer(
-        img_size=img_size,
-        patch_size=8,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=3,
-        num_classes=0,
-        dynamic_img_size=True,
-    )
+    kwargs: dict[str, Any] = {
+        "patch_size": 8,
+        "embed_dim": 48,
+        "depth": 2,
+        "num_heads": 3,
+        "num_classes": 0,
+        "dynamic_img_size": True,
+    }
+    return VisionTransformer(img_size=img_size, **{**kwargs, **timm_kwargs})
 
 
 def _model(
@@ -349,23 +352,6 @@ def _grid_reference(
     return torch.cat([prefix.double(), grid], dim=1)
 
 
-def _cotap(
-    img_size: int | tuple[int, int], **vit_kwargs: Any
-) -> CoTAPVisionTransformer:
-    torch.manual_seed(0)
-    vit = VisionTransformer(
-        img_size=img_size,
-        patch_size=8,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-        num_classes=0,
-        dynamic_img_size=True,
-        **vit_kwargs,
-    )
-    return CoTAPVisionTransformer(vit, num_prototypes=4).eval()
-
-
 class TestPosEmbedResampling:
     @pytest.mark.parametrize(
         "vit_kwargs, num_prefix",
@@ -385,11 +371,11 @@ class TestPosEmbedResampling:
         old_img: int,
         new_img: int | tuple[int, int],
     ) -> None:
-        source = _cotap(old_img, **vit_kwargs)
+        source = _model(img_size=old_img, seed=1, **vit_kwargs)
         with torch.no_grad():
             source.vit.pos_embed.normal_()
         value = source.vit.pos_embed.detach().clone()
-        model = _cotap(new_img, **vit_kwargs)
+        model = _model(img_size=new_img, **vit_kwargs)
         report = model.load_pretrained(source.state_dict())
 
         old = old_img // 8
@@ -416,7 +402,9 @@ class TestPosEmbedResampling:
     def test_timm_is_not_asked_to_log(self, caplog: pytest.LogCaptureFixture) -> None:
         # The report's resample_note says what was resampled; no extra log line.
         with caplog.at_level(logging.DEBUG):
-            report = _cotap(32).load_pretrained(_cotap(64).state_dict())
+            report = _model(img_size=32).load_pretrained(
+                _model(img_size=64).state_dict()
+            )
         assert report.resampled_keys == ["pos_embed"]
         assert caplog.records == []
 
@@ -426,15 +414,17 @@ class TestPosEmbedResampling:
             match=r"pos_embed: checkpoint shape \(1, 65, 48\) vs model shape \(1, 17, 48\)",
         ):
             load_backbone_state_dict(
-                _cotap(32), _cotap(64).state_dict(), resample_pos_embed=False
+                _model(img_size=32),
+                _model(img_size=64).state_dict(),
+                resample_pos_embed=False,
             )
 
     def test_unresamplable_embeddings_are_mismatches(self) -> None:
         # Another number of registers: the pos_embed's patch part is no square grid,
         # and reg_token (3-d, same width) is not a position embedding.
         with pytest.raises(CheckpointMismatchError) as info:
-            _cotap(32, reg_tokens=4).load_pretrained(
-                _cotap(32, reg_tokens=2).state_dict()
+            _model(img_size=32, reg_tokens=4).load_pretrained(
+                _model(img_size=32, reg_tokens=2).state_dict()
             )
         message = str(info.value)
         assert "pos_embed: checkpoint shape (1, 19, 48) vs model shape (1, 21, 48)" in (
@@ -448,13 +438,13 @@ class TestPosEmbedResampling:
     def test_embedding_without_patch_tokens_is_a_mismatch(self, tokens: int) -> None:
         # A position embedding holding no more tokens than the model's prefix (CLS +
         # 2 registers) has no patch grid to resample.
-        state = _cotap(32, reg_tokens=2).state_dict()
+        state = _model(img_size=32, reg_tokens=2).state_dict()
         state["vit.pos_embed"] = state["vit.pos_embed"][:, :tokens]
         with pytest.raises(
             CheckpointMismatchError,
             match=rf"pos_embed: checkpoint shape \(1, {tokens}, 48\) vs model shape",
         ):
-            _cotap(32, reg_tokens=2).load_pretrained(state)
+            _model(img_size=32, reg_tokens=2).load_pretrained(state)
 
 
 class TestReport:
@@ -511,8 +501,8 @@ class TestReport:
         assert five.summary().split("\n")[-1] == "  5 x r: k0, k1, k2, k3, k4"
 
     def test_loaded_keys_and_grids_of_a_load(self) -> None:
-        model = _cotap(32)
-        report = load_backbone_state_dict(model, _cotap(64).state_dict())
+        model = _model(img_size=32)
+        report = load_backbone_state_dict(model, _model(img_size=64).state_dict())
         assert report.loaded_keys == sorted(model.state_dict())
         assert report.missing_keys == [] and report.unexpected_keys == []
         assert report.resampled_grids == {"pos_embed": ((8, 8), (4, 4))}
@@ -558,14 +548,7 @@ class TestArchitectureFromStateDict:
         self, vit_kwargs: dict[str, Any], use_filter: bool
     ) -> None:
         kwargs = {"patch_size": 8, "depth": 2, **vit_kwargs}
-        vit = VisionTransformer(
-            img_size=32,
-            embed_dim=48,
-            num_heads=3,
-            num_classes=0,
-            dynamic_img_size=True,
-            **kwargs,
-        )
+        vit = _vit(**kwargs)
         model = CoTAPVisionTransformer(
             vit, use_filter=use_filter, num_prototypes=5, prototype_size=3
         )
@@ -703,17 +686,7 @@ class TestLoadRules:
             assert torch.equal(model.vit.state_dict()[key], value), key
 
     def test_classifier_norms_are_ignored(self) -> None:
-        torch.manual_seed(1)
-        vit = VisionTransformer(
-            img_size=32,
-            patch_size=8,
-            embed_dim=48,
-            depth=2,
-            num_heads=3,
-            num_classes=5,
-            global_pool="avg",
-            fc_norm=True,
-        )
+        vit = _vit(seed=1, num_classes=5, global_pool="avg", fc_norm=True)
         state = vit.state_dict()
         state["norm.weight"] = torch.ones(48)
         state["norm.bias"] = torch.zeros(48)
