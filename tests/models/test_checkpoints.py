@@ -480,10 +480,10 @@ class TestReport:
 
     def test_notes_of_several_keys_and_of_none(self) -> None:
         report = CheckpointLoadReport(
-            resampled_grids={"a": ((2, 2), (3, 3)), "b": ((5, 5), (1, 7))}
+            resampled_grids={"a": ((2, 4), (3, 3)), "b": ((5, 5), (1, 7))}
         )
         assert report.resample_note() == (
-            "a resampled from the checkpoint's 2x2 patch grid to 3x3; "
+            "a resampled from the checkpoint's 2x4 patch grid to 3x3; "
             "b resampled from the checkpoint's 5x5 patch grid to 1x7 "
             "(bicubic, timm's resample_abs_pos_embed)"
         )
