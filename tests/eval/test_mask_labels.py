@@ -274,6 +274,13 @@ class TestClassNamesFile:
         assert class_names_file(tmp_path / "masks") is None
 
 
+def _refusal(scan: MaskScan, **kwargs: Any) -> UsageError:
+    """The error :func:`_decide` raises."""
+    with pytest.raises(UsageError) as info:
+        _decide(scan, **kwargs)
+    return info.value
+
+
 class TestMessages:
     """The full text of every decision message with the ``eval`` command's options."""
 
@@ -289,30 +296,27 @@ class TestMessages:
         ]
 
     def test_labels_outside_the_declared_classes(self) -> None:
-        with pytest.raises(UsageError) as info:
-            _decide(_scan({0: 10, 1: 5, 3: 2}), num_classes=3)
-        assert (info.value.argument, info.value.value) == ("--masks", "mask_3.png")
-        assert info.value.fix == (
+        error = _refusal(_scan({0: 10, 1: 5, 3: 2}), num_classes=3)
+        assert (error.argument, error.value) == ("--masks", "mask_3.png")
+        assert error.fix == (
             "labels [3] (2 pixels) lie outside the 3 classes declared by "
             "--num-classes (labels 0..2, 255 = ignore); fix the masks or declare the "
             "right classes with --num-classes (or a classes.json next to the mask "
             "folder), or pass --ignore-unknown-labels to ignore those pixels"
         )
         # A command without the ignore option does not offer it.
-        with pytest.raises(UsageError) as info:
-            _decide(
-                _scan({0: 10, 1: 5, 3: 2}),
-                num_classes=3,
-                declare_hint="--classes",
-                ignore_unknown_hint=None,
-            )
-        assert info.value.fix.endswith("declare the right classes with --classes")
+        error = _refusal(
+            _scan({0: 10, 1: 5, 3: 2}),
+            num_classes=3,
+            declare_hint="--classes",
+            ignore_unknown_hint=None,
+        )
+        assert error.fix.endswith("declare the right classes with --classes")
 
     def test_stray_label(self) -> None:
-        with pytest.raises(UsageError) as info:
-            _decide(_scan({0: 10, 1: 5, 200: 1}))
-        assert (info.value.argument, info.value.value) == ("--masks", "mask_200.png")
-        assert info.value.fix == (
+        error = _refusal(_scan({0: 10, 1: 5, 200: 1}))
+        assert (error.argument, error.value) == ("--masks", "mask_200.png")
+        assert error.fix == (
             "holds label 200 (1 pixels) but the masks' labels [0, 1, 200] are not "
             "0..N (198 values in between never occur); declare the classes with "
             "--num-classes (or a classes.json next to the mask folder) instead of "
@@ -321,22 +325,21 @@ class TestMessages:
         )
 
     def test_one_labelled_class_and_only_ignored_pixels(self) -> None:
-        with pytest.raises(UsageError) as info:
-            _decide(_scan({0: 10, 255: 4}), num_classes=3)
-        assert (info.value.argument, info.value.value) == ("--masks", "mask_0.png")
-        assert info.value.fix == (
+        error = _refusal(_scan({0: 10, 255: 4}), num_classes=3)
+        assert (error.argument, error.value) == ("--masks", "mask_0.png")
+        assert error.fix == (
             "every labelled pixel is class [0] (the rest equals --ignore-index 255); "
             "segmentation needs at least two labelled classes"
         )
-        with pytest.raises(UsageError) as info:
-            _decide(_scan({7: 10}), ignore_index=7, ignore_option="--ignore")
-        assert (info.value.argument, info.value.value) == ("--ignore", 7)
-        assert info.value.fix == "every mask pixel equals it"
+        error = _refusal(_scan({7: 10}), ignore_index=7, ignore_option="--ignore")
+        assert (error.argument, error.value) == ("--ignore", 7)
+        assert error.fix == "every mask pixel equals it"
 
     def test_too_few_declared_classes_name_their_source(self) -> None:
-        with pytest.raises(UsageError) as info:
-            _decide(_scan({0: 10, 1: 5}), num_classes=1, declared_by="classes.json")
-        assert (info.value.argument, info.value.value) == ("classes.json", 1)
+        error = _refusal(
+            _scan({0: 10, 1: 5}), num_classes=1, declared_by="classes.json"
+        )
+        assert (error.argument, error.value) == ("classes.json", 1)
 
 
 class TestOnePair:
