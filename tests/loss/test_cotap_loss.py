@@ -136,8 +136,9 @@ def _reference_of(
     pool_sizes: tuple[int, ...],
     top_k: int,
     negatives: list[list[int]] | None = None,
+    negative_weight: float = 0.1,
 ) -> Tensor:
-    """:func:`_reference_loss` of a batch of :func:`_random_batch` (default weights)."""
+    """:func:`_reference_loss` of a batch of :func:`_random_batch`."""
     return _reference_loss(
         student_x=inputs["student_x"],
         student_pos=inputs["student_pos"],
@@ -148,6 +149,7 @@ def _reference_of(
         pool_sizes=pool_sizes,
         top_k=top_k,
         negatives=negatives,
+        negative_weight=negative_weight,
     )
 
 
@@ -1009,3 +1011,40 @@ def test_pair_similarities_under_cpu_autocast_stay_float32() -> None:
         other = b if r == 0 else int(negatives[b, r - 1])
         expected = _cos(anchors[b, i], positives[other, j])
         assert float(sim[b, r, i, j]) == pytest.approx(float(expected), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Argument edges: the smallest valid values.
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool_sizes", [(True,), (2.0,)])
+def test_cotap_loss_pool_sizes_must_be_ints(pool_sizes: tuple[Any, ...]) -> None:
+    with pytest.raises(ValueError, match="pool_sizes"):
+        CoTAPLoss(pool_sizes=pool_sizes)
+
+
+def test_cotap_loss_one_cell_per_crop_and_unweighted_negatives() -> None:
+    inputs = _random_batch(batch=3, seed=17)
+    # Pool size 1: every crop is one cell (2 cells per image, both kept).
+    loss = CoTAPLoss(pool_sizes=(1,), top_k=2)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(1,), top_k=2)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    # negative_weight 0: other-image pairs are ranked but carry no anchor weight.
+    loss = CoTAPLoss(pool_sizes=(2,), top_k=2, negative_weight=0.0)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(2,), top_k=2, negative_weight=0.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cotap_loss_mask_checks_only_with_value_checks() -> None:
+    inputs = _random_batch(batch=2, seed=9)
+    loss_fn = CoTAPLoss(pool_sizes=(4,))
+    torch.manual_seed(0)
+    plain = loss_fn(**inputs)
+    with value_checks():  # finite float masks pass the checks
+        torch.manual_seed(0)
+        checked = loss_fn(**inputs)
+    torch.testing.assert_close(checked, plain, rtol=0.0, atol=0.0)
+    mask = inputs["fg_mask_x"].clone()
+    mask[0, 0, 0, 0] = float("inf")
+    loss_fn(**dict(inputs, fg_mask_x=mask))  # not checked by default: no error
