@@ -1048,3 +1048,20 @@ def test_cotap_loss_mask_checks_only_with_value_checks() -> None:
     mask = inputs["fg_mask_x"].clone()
     mask[0, 0, 0, 0] = float("inf")
     loss_fn(**dict(inputs, fg_mask_x=mask))  # not checked by default: no error
+
+
+def test_cotap_loss_configures_its_default_criterion() -> None:
+    inputs = _random_batch(seed=18)
+    loss_fn = CoTAPLoss(pool_sizes=(2,), top_k=2, tau=0.3, kappa=2.0, weight_offset=0.1)
+    criterion = loss_fn.criterion
+    assert isinstance(criterion, ContinuousAPLoss)
+    assert (criterion.tau, criterion.kappa, criterion.weight_offset) == (0.3, 2.0, 0.1)
+    given = CoTAPLoss(
+        pool_sizes=(2,),
+        top_k=2,
+        weight_offset=0.1,
+        criterion=ContinuousAPLoss(tau=0.3, kappa=2.0),
+    )
+    unscaled = CoTAPLoss(pool_sizes=(2,), top_k=2, tau=0.3, weight_offset=0.1)
+    torch.testing.assert_close(loss_fn(**inputs), given(**inputs))
+    assert abs(float((loss_fn(**inputs) - unscaled(**inputs)).detach())) > 1e-6
