@@ -318,13 +318,35 @@ class TestSphericalKMeansAgainstReference:
         initial, _ = spherical_kmeans(
             x, 8, num_iters=0, generator=torch.Generator().manual_seed(0)
         )
-        for tol in (0.0, 1e-3, 1e-2):
+        # tol=0.5 stops after the first iteration.
+        for tol in (0.0, 1e-3, 1e-2, 0.5):
             centers, assignments = spherical_kmeans(
                 x, 8, generator=torch.Generator().manual_seed(0), tol=tol
             )
             expected = _lloyd_reference(xn, initial, 300, tol=tol)
             torch.testing.assert_close(centers, expected[0], rtol=0, atol=1e-12)
             assert torch.equal(assignments, expected[1])
+
+    def test_tol_is_inclusive(self) -> None:
+        # "Stop when the objective improves by no more than tol": with tol equal to
+        # the first improvement, the iteration stops after one step.
+        torch.manual_seed(6)
+        x = torch.randn(100, 4, dtype=torch.float64)
+        xn = F.normalize(x, dim=1)
+        objectives = []
+        for num_iters in (0, 1):
+            centers, _ = spherical_kmeans(
+                x, 5, num_iters=num_iters, generator=torch.Generator().manual_seed(0)
+            )
+            objectives.append(float((1.0 - (xn @ centers.T).max(dim=1).values).mean()))
+        first_improvement = objectives[0] - objectives[1]
+        assert first_improvement > 0
+        stopped = spherical_kmeans(
+            x, 5, generator=torch.Generator().manual_seed(0), tol=first_improvement
+        )
+        assert torch.equal(stopped[0], centers)
+        more = spherical_kmeans(x, 5, generator=torch.Generator().manual_seed(0))
+        assert not torch.equal(more[0], centers)  # the data needs > 1 iteration
 
     def test_empty_cluster_takes_the_worst_fitted_point(self) -> None:
         # Two copies of e0 seeded as the two centers (uniform pick among identical
