@@ -348,6 +348,16 @@ class TestSphericalKMeansAgainstReference:
         more = spherical_kmeans(x, 5, generator=torch.Generator().manual_seed(0))
         assert not torch.equal(more[0], centers)  # the data needs > 1 iteration
 
+    def test_more_points_than_one_similarity_chunk(self) -> None:
+        # The similarities are computed in chunks of 65536 rows; every row counts.
+        torch.manual_seed(7)
+        x = torch.randn(65536 + 7, 2)
+        centers, assignments = spherical_kmeans(
+            x, 3, num_iters=2, generator=torch.Generator().manual_seed(0)
+        )
+        expected = (F.normalize(x, dim=1) @ centers.T).argmax(dim=1)
+        assert torch.equal(assignments, expected)
+
     def test_empty_cluster_takes_the_worst_fitted_point(self) -> None:
         # Two copies of e0 seeded as the two centers (uniform pick among identical
         # points): one cluster is empty after the first assignment and must take the
