@@ -283,37 +283,45 @@ class TestCoTAPTransform:
         transform = CoTAPTransform()
         assert transform.n_local_views == 4 and transform.max_tries == 100
         assert transform.min_intersection == 0.01 and transform.hf_prob == 0.0
-        (jitter_apply, gray, blur, _, _) = transform.student_transform.transforms
-        jitter = jitter_apply.transforms[0]
-        assert jitter_apply.p == 0.8
-        assert jitter.brightness == pytest.approx((0.2, 1.8))
-        assert jitter.contrast == pytest.approx((0.2, 1.8))
-        assert jitter.saturation == pytest.approx((0.2, 1.8))
-        assert jitter.hue == pytest.approx((-0.2, 0.2))
-        assert gray.p == 0.2
-        assert (blur.prob, blur.sigmas) == (0.5, (0.1, 2.0))
 
-    def test_colour_parameters_are_passed_on(self) -> None:
-        transform = CoTAPTransform(
-            cj_prob=0.3,
-            cj_strength=0.5,
-            cj_bright=0.4,
-            cj_contrast=0.6,
-            cj_sat=1.0,
-            cj_hue=0.1,
-            random_gray_scale=0.7,
-            gaussian_blur=0.25,
-            sigmas=(0.5, 1.0),
-        )
+    @pytest.mark.parametrize(
+        ("kwargs", "expected"),
+        [
+            # The defaults: cj_prob 0.8, strength 1, jitter 0.8/0.8/0.8/0.2, gray
+            # 0.2, blur 0.5 with sigmas (0.1, 2).
+            ({}, (0.8, 0.8, 0.8, 0.8, 0.2, 0.2, 0.5, (0.1, 2.0))),
+            (
+                {
+                    "cj_prob": 0.3,
+                    "cj_strength": 0.5,
+                    "cj_bright": 0.4,
+                    "cj_contrast": 0.6,
+                    "cj_sat": 1.0,
+                    "cj_hue": 0.1,
+                    "random_gray_scale": 0.7,
+                    "gaussian_blur": 0.25,
+                    "sigmas": (0.5, 1.0),
+                },
+                (0.3, 0.2, 0.3, 0.5, 0.05, 0.7, 0.25, (0.5, 1.0)),
+            ),
+        ],
+    )
+    def test_colour_parameters_are_passed_on(
+        self,
+        kwargs: dict[str, object],
+        expected: tuple[float, float, float, float, float, float, float, object],
+    ) -> None:
+        cj_prob, bright, contrast, sat, hue, gray_p, blur_p, sigmas = expected
+        transform = CoTAPTransform(**kwargs)  # type: ignore[arg-type]
         (jitter_apply, gray, blur, _, _) = transform.student_transform.transforms
         jitter = jitter_apply.transforms[0]
-        assert jitter_apply.p == 0.3
-        assert jitter.brightness == pytest.approx((0.8, 1.2))
-        assert jitter.contrast == pytest.approx((0.7, 1.3))
-        assert jitter.saturation == pytest.approx((0.5, 1.5))
-        assert jitter.hue == pytest.approx((-0.05, 0.05))
-        assert gray.p == 0.7
-        assert (blur.prob, blur.sigmas) == (0.25, (0.5, 1.0))
+        assert jitter_apply.p == cj_prob
+        assert jitter.brightness == pytest.approx((1 - bright, 1 + bright))
+        assert jitter.contrast == pytest.approx((1 - contrast, 1 + contrast))
+        assert jitter.saturation == pytest.approx((1 - sat, 1 + sat))
+        assert jitter.hue == pytest.approx((-hue, hue))
+        assert gray.p == gray_p
+        assert (blur.prob, blur.sigmas) == (blur_p, sigmas)
 
     def test_disabled_colour_augmentations_are_left_out(self) -> None:
         transform = _plain_transform()
