@@ -584,6 +584,27 @@ def test_float32_inputs_are_exact_on_anchors_with_few_negatives() -> None:
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0.0)
 
 
+def test_float32_scores_crowded_near_one_keep_float64_accuracy() -> None:
+    """Scores crowded near 1 (cosine similarities), a small margin: float32 inputs.
+
+    The fast path's moment sums of ``s``, ``s^2``, ``t s`` cancel by orders of
+    magnitude there and must run in float64 (scores and targets).
+    """
+    gen = torch.Generator().manual_seed(19)
+    s = (0.9 + 0.02 * torch.randn(2, 600, generator=gen)).float()
+    t = torch.rand(2, 600, generator=gen).float()
+    loss_fn = ContinuousAPLoss(tau=0.05)
+    assert not loss_fn.uses_dense(s)
+    ref_value, ref_grad = value_and_grad(
+        ContinuousAPLoss(tau=0.05, method="dense"), s.double(), targets=t.double()
+    )
+    value, grad = value_and_grad(loss_fn, s, targets=t)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=0.0, atol=1e-5 * float(ref_grad.abs().max())
+    )
+
+
 def test_cuda_matches_cpu() -> None:
     if not torch.cuda.is_available():
         pytest.skip("CUDA not available")
