@@ -494,6 +494,16 @@ def test_weights_are_a_weighted_mean(method: str) -> None:
         torch.testing.assert_close(value, expected, rtol=1e-12, atol=0.0)
 
 
+def test_weights_are_cast_to_the_compute_dtype() -> None:
+    s, t = random_lists((3, 40), ties=False, seed=20)
+    weights = torch.rand(3, 40, generator=torch.Generator().manual_seed(3))
+    loss_fn = ContinuousAPLoss()
+    value = loss_fn(scores=s, targets=t, weights=weights)  # float32 weights
+    expected = loss_fn(scores=s, targets=t, weights=weights.double())
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, expected, rtol=1e-14, atol=0.0)
+
+
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_nan_weight_of_a_valid_item_counts_as_zero(method: str) -> None:
     s, t = random_lists((10,), ties=False, seed=16)
@@ -546,6 +556,19 @@ def test_autocast_bf16_computes_in_float32() -> None:
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
     loss.backward()
     assert leaf.grad is not None and leaf.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(500,), (2, 400)])  # dense / fast under "auto"
+def test_bfloat16_scores_are_ranked_in_float32(shape: tuple[int, ...]) -> None:
+    s, t = random_lists(shape, ties=False, seed=12)
+    s16, t32 = s.to(torch.bfloat16), t.float()
+    # A small kappa makes l_i ~ kappa NEG_i / POS_i: the loss follows NEG closely, so
+    # score differences rounded to bfloat16 would show.
+    loss_fn = ContinuousAPLoss(kappa=1e-3)
+    value = loss_fn(scores=s16, targets=t32)
+    expected = loss_fn(scores=s16.float(), targets=t32)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=0.0)
 
 
 @pytest.mark.parametrize("method", ["dense", "fast"])
