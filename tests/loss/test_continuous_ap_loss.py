@@ -293,6 +293,7 @@ def test_default_dense_bound_depends_on_device(
     assert cap.default_dense_max_pairs(gpu, torch.float64) == 20 * 2**30 // 80
     # An explicit bound overrides the device default.
     assert not ContinuousAPLoss(dense_max_pairs=99).uses_dense(torch.zeros(10))
+    assert ContinuousAPLoss(dense_max_pairs=100).uses_dense(torch.zeros(10))
     assert ContinuousAPLoss(method="dense").uses_dense(torch.zeros(10**6))
     assert not ContinuousAPLoss(method="fast").uses_dense(torch.zeros(2))
 
