@@ -300,7 +300,7 @@ class TestObjectAwareFilter:
     def test_initialized_flag_is_read_without_the_device(self) -> None:
         flt = ObjectAwareFilter(_block(torch.float32), embed_dim=D, num_prototypes=4)
         with forbid_host_sync():
-            assert not flt.is_initialized
+            assert flt.is_initialized is False
         flt.set_prototypes(torch.randn(4, D * 9))
         with forbid_host_sync():
             assert flt.is_initialized
@@ -321,6 +321,8 @@ class TestObjectAwareFilter:
         block = _block(torch.float32)
         flt = ObjectAwareFilter(block, embed_dim=D)
         # 64 prototypes of 3 x 3, not trained by the main losses.
+        assert (flt.num_prototypes, flt.prototype_size, flt.embed_dim) == (64, 3, D)
+        assert flt.train_prototypes is False
         assert flt.prototypes.shape == (64, D, 3, 3)
         cls_out, dense = flt(torch.randn(2, D), torch.randn(2, D, 3, 3))
         (cls_out.sum() + dense.square().sum()).backward()
@@ -396,6 +398,20 @@ class TestObjectAwareFilter:
         for cls in (torch.randn(3, D), torch.randn(2, D + 1), torch.randn(2, D, 1)):
             with pytest.raises(ValueError, match=r"cls must have shape \(2, 32\)"):
                 flt(cls, torch.randn(2, D, 3, 3))
+
+    def test_block_without_gate_attribute(self) -> None:
+        # timm's Attention before gated attention existed has no ``gate`` at all.
+        block = _block()
+        del block.attn.gate
+        assert not hasattr(block.attn, "gate")
+        flt = _filter(block)
+        torch.manual_seed(6)
+        cls = torch.randn(2, D, dtype=torch.float64)
+        patches = torch.randn(2, D, 3, 2, dtype=torch.float64)
+        cls_out, dense = flt(cls, patches)
+        ref_cls, ref_dense, _ = _reference(flt, block, cls, patches)
+        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
 
     def test_rejects_blocks_it_cannot_reuse(self) -> None:
         block = _block(torch.float32)
