@@ -109,22 +109,32 @@ def _reference(
     return cls_out, dense, a
 
 
+def _compare_with_reference(
+    flt: ObjectAwareFilter, block: Block, hw: tuple[int, int], seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the filter and the reference on random float64 inputs, asserts equality.
+
+    Returns the patches, the filter's dense output and the reference attention.
+    """
+    torch.manual_seed(seed)
+    cls = torch.randn(2, D, dtype=torch.float64)
+    patches = torch.randn(2, D, *hw, dtype=torch.float64)
+    cls_out, dense = flt(cls, patches)
+    ref_cls, ref_dense, ref_attn = _reference(flt, block, cls, patches)
+    torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+    return patches, dense, ref_attn
+
+
 class TestObjectAwareFilter:
     @pytest.mark.parametrize("prototype_size", [1, 3, 5])
     @pytest.mark.parametrize("hw", [(4, 5), (3, 3)])
     def test_matches_reference(self, prototype_size: int, hw: tuple[int, int]) -> None:
         block = _block()
         flt = _filter(block, prototype_size=prototype_size)
-        torch.manual_seed(1)
-        cls = torch.randn(2, D, dtype=torch.float64)
-        patches = torch.randn(2, D, *hw, dtype=torch.float64)
-        cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense, _ = _reference(flt, block, cls, patches)
-        assert cls_out.shape == (2, flt.out_dim)
+        _, dense, _ = _compare_with_reference(flt, block, hw, seed=1)
         assert dense.shape == (2, flt.out_dim, *hw)
         assert flt.out_dim == 2 * D
-        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
 
     @pytest.mark.parametrize(
         "options",
@@ -148,13 +158,7 @@ class TestObjectAwareFilter:
         if "scale_attn_norm" in options:
             assert isinstance(block.attn.norm, nn.LayerNorm)
         flt = _filter(block)
-        torch.manual_seed(4)
-        cls = torch.randn(2, D, dtype=torch.float64)
-        patches = torch.randn(2, D, 4, 3, dtype=torch.float64)
-        cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense, ref_attn = _reference(flt, block, cls, patches)
-        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+        patches, _, ref_attn = _compare_with_reference(flt, block, (4, 3), seed=4)
         torch.testing.assert_close(
             flt.patch_attention(patches), ref_attn, rtol=1e-10, atol=1e-12
         )
@@ -362,13 +366,7 @@ class TestObjectAwareFilter:
         flt = _filter(block)
         norms = (flt.norm_in, flt.norm_out_patch, flt.norm_out_cls)
         assert [norm.eps for norm in norms] == [1e-6] * 3
-        torch.manual_seed(5)
-        cls = torch.randn(2, D, dtype=torch.float64)
-        patches = torch.randn(2, D, 3, 3, dtype=torch.float64)
-        cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense, _ = _reference(flt, block, cls, patches)
-        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+        _compare_with_reference(flt, block, (3, 3), seed=5)
 
     def test_invalid_arguments(self) -> None:
         block = _block(torch.float32)
@@ -404,14 +402,7 @@ class TestObjectAwareFilter:
         block = _block()
         del block.attn.gate
         assert not hasattr(block.attn, "gate")
-        flt = _filter(block)
-        torch.manual_seed(6)
-        cls = torch.randn(2, D, dtype=torch.float64)
-        patches = torch.randn(2, D, 3, 2, dtype=torch.float64)
-        cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense, _ = _reference(flt, block, cls, patches)
-        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+        _compare_with_reference(_filter(block), block, (3, 2), seed=6)
 
     def test_rejects_blocks_it_cannot_reuse(self) -> None:
         block = _block(torch.float32)
