@@ -158,9 +158,7 @@ def _select_prefix(keys: list[str], prefix: str | None) -> str:
     if len(candidates) == 1:
         return candidates[0]
     students = [c for c in candidates if "student" in c]
-    non_teacher = [
-        c for c in candidates if "teacher" not in c and not c.startswith("net_teacher")
-    ]
+    non_teacher = [c for c in candidates if "teacher" not in c]
     if len(students) == 1:
         return students[0]
     if len(non_teacher) == 1:
@@ -462,11 +460,13 @@ def _resample_pos_embed(
     Returns:
         The resampled embedding and the ``(old, new)`` patch grids.
     """
-    num_prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+    num_prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
     old_patches = value.shape[1] - num_prefix
     new_patches = expected.shape[1] - num_prefix
+    if old_patches <= 0:  # no patch grid at all
+        return None
     old_side = math.isqrt(old_patches)
-    if old_side * old_side != old_patches or new_patches <= 0:
+    if old_side * old_side != old_patches:
         return None
     new_size = tuple(vit.patch_embed.grid_size)
     if new_size[0] * new_size[1] != new_patches:

@@ -15,6 +15,7 @@ from PIL import Image
 from lightly_cotap.eval.mask_labels import (
     LabelMapping,
     MaskScan,
+    class_names_file,
     decide_classes,
     scan_masks,
 )
@@ -192,9 +193,25 @@ class TestScanProblems:
             scan_masks(samples, "--val-images", "--val-masks")
         assert info.value.argument == "--val-masks"
         assert info.value.value == tmp_path / "set" / "masks"
-        assert "2 masks differ in size" in str(info.value)
-        assert "0_mask.png is 2x3, 0.png is 3x2" in str(info.value)
-        assert "2_mask.png is 2x3, 2.png is 3x2" in str(info.value)
+        assert info.value.fix == (
+            "2 masks differ in size from their images (width x height): "
+            "0_mask.png is 2x3, 0.png is 3x2; 2_mask.png is 2x3, 2.png is 3x2; a mask "
+            "must label its image pixel for pixel (is it another image's mask, or "
+            "rotated?)"
+        )
+
+    def test_three_problems_are_listed_without_a_count(self, tmp_path: Path) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))] * 4)
+        for image_path, _ in samples[1:]:
+            image_path.write_bytes(b"")
+        with pytest.raises(UsageError) as info:
+            scan_masks(samples, "--images", "--masks")
+        fix = info.value.fix
+        assert fix.startswith("3 images cannot be read: ")
+        assert fix.endswith("; replace or remove them (and their masks)")
+        assert "more" not in fix and fix.count("; ") == 3
+        for image_path, _ in samples[1:]:
+            assert image_path.name in fix
 
     def test_files_holding_a_value_are_kept_up_to_three(self, tmp_path: Path) -> None:
         masks = [np.full((2, 2), 1)] * 4 + [np.full((2, 2), 2)]
@@ -213,6 +230,10 @@ class TestScanProblems:
             f"{folder / '2_mask.png'} and 1 more"
         )
         assert scan.where([7]) == ("--masks", "")
+        # Exactly three holders: all shown, no count.
+        assert scan.where([1])[1] == (
+            f"{folder / '0_mask.png'}, {folder / '1_mask.png'}, {folder / '2_mask.png'}"
+        )
 
     def test_long_label_lists_are_shortened(self) -> None:
         labels = {v: 1 for v in range(12) if v != 5}
@@ -223,3 +244,115 @@ class TestScanProblems:
         with pytest.raises(UsageError) as info:
             _decide(_scan(labels))
         assert "[0, 1, 2, 3, 4, 6, 7, 8]" in str(info.value)
+
+
+class TestClassNamesFile:
+    def test_names_next_to_the_mask_folder(self, tmp_path: Path) -> None:
+        (tmp_path / "masks").mkdir()
+        (tmp_path / "classes.json").write_text(
+            '{"class_names": ["background", "cat", 7], "num_classes": 3}'
+        )
+        assert class_names_file(tmp_path / "masks") == ["background", "cat", "7"]
+        assert class_names_file(str(tmp_path / "masks")) == ["background", "cat", "7"]
+        # The file belongs one level above the mask folder, not inside it.
+        assert class_names_file(tmp_path) is None
+
+    @pytest.mark.parametrize(
+        "text",
+        [
+            None,  # no file
+            "{not json",
+            '{"names": ["a", "b"]}',
+            '["a", "b"]',
+            '{"class_names": "ab"}',
+        ],
+    )
+    def test_no_readable_names(self, tmp_path: Path, text: str | None) -> None:
+        (tmp_path / "masks").mkdir()
+        if text is not None:
+            (tmp_path / "classes.json").write_text(text)
+        assert class_names_file(tmp_path / "masks") is None
+
+
+def _refusal(scan: MaskScan, **kwargs: Any) -> UsageError:
+    """The error :func:`_decide` raises."""
+    with pytest.raises(UsageError) as info:
+        _decide(scan, **kwargs)
+    return info.value
+
+
+class TestMessages:
+    """The full text of every decision message with the ``eval`` command's options."""
+
+    def test_binary_masks_name_the_holder_of_255(self) -> None:
+        scan = _scan({0: 10})
+        scan.pixel_counts[255] = 4
+        scan.files[255] = [("--val-masks", Path("val_0.png"))]
+        decision = _decide(scan)
+        assert decision.messages == [
+            "--val-masks: the masks hold only 0 and 255: read as binary masks (0 = "
+            "background, 255 = class 1); pass --ignore-index 255 to ignore 255 "
+            "instead"
+        ]
+
+    def test_labels_outside_the_declared_classes(self) -> None:
+        error = _refusal(_scan({0: 10, 1: 5, 3: 2}), num_classes=3)
+        assert (error.argument, error.value) == ("--masks", "mask_3.png")
+        assert error.fix == (
+            "labels [3] (2 pixels) lie outside the 3 classes declared by "
+            "--num-classes (labels 0..2, 255 = ignore); fix the masks or declare the "
+            "right classes with --num-classes (or a classes.json next to the mask "
+            "folder), or pass --ignore-unknown-labels to ignore those pixels"
+        )
+        # A command without the ignore option does not offer it.
+        error = _refusal(
+            _scan({0: 10, 1: 5, 3: 2}),
+            num_classes=3,
+            declare_hint="--classes",
+            ignore_unknown_hint=None,
+        )
+        assert error.fix.endswith("declare the right classes with --classes")
+
+    def test_stray_label(self) -> None:
+        error = _refusal(_scan({0: 10, 1: 5, 200: 1}))
+        assert (error.argument, error.value) == ("--masks", "mask_200.png")
+        assert error.fix == (
+            "holds label 200 (1 pixels) but the masks' labels [0, 1, 200] are not "
+            "0..N (198 values in between never occur); declare the classes with "
+            "--num-classes (or a classes.json next to the mask folder) instead of "
+            "letting a stray value define them, and pass --ignore-unknown-labels to "
+            "ignore labels outside them"
+        )
+
+    def test_one_labelled_class_and_only_ignored_pixels(self) -> None:
+        error = _refusal(_scan({0: 10, 255: 4}), num_classes=3)
+        assert (error.argument, error.value) == ("--masks", "mask_0.png")
+        assert error.fix == (
+            "every labelled pixel is class [0] (the rest equals --ignore-index 255); "
+            "segmentation needs at least two labelled classes"
+        )
+        error = _refusal(_scan({7: 10}), ignore_index=7, ignore_option="--ignore")
+        assert (error.argument, error.value) == ("--ignore", 7)
+        assert error.fix == "every mask pixel equals it"
+
+    def test_too_few_declared_classes_name_their_source(self) -> None:
+        error = _refusal(
+            _scan({0: 10, 1: 5}), num_classes=1, declared_by="classes.json"
+        )
+        assert (error.argument, error.value) == ("classes.json", 1)
+
+
+class TestOnePair:
+    def test_one_unreadable_image(self, tmp_path: Path) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))])
+        samples[0][0].write_bytes(b"")
+        with pytest.raises(UsageError, match="1 images cannot be read") as info:
+            scan_masks(samples, "--images", "--masks")
+        assert info.value.value == tmp_path / "set" / "images"
+
+    def test_one_mask_of_another_size(self, tmp_path: Path) -> None:
+        samples = _write_pairs(tmp_path / "set", [np.zeros((2, 3))])
+        Image.new("L", (2, 3)).save(samples[0][1])
+        with pytest.raises(UsageError, match="1 masks differ in size") as info:
+            scan_masks(samples, "--images", "--masks")
+        assert info.value.value == tmp_path / "set" / "masks"

@@ -8,7 +8,12 @@ from ranking_lists import random_lists, value_and_grad
 from sklearn.metrics import average_precision_score
 from torch import Tensor
 
-from lightly_cotap.loss import ContinuousAPLoss, _ranking_ops, value_checks
+from lightly_cotap.loss import (
+    ContinuousAPLoss,
+    HingeContinuousAPLoss,
+    _ranking_ops,
+    value_checks,
+)
 from lightly_cotap.loss import continuous_ap_loss as cap
 from lightly_cotap.train.host_sync import forbid_host_sync
 
@@ -118,15 +123,40 @@ def test_hyperparameters_match_reference(
 
 
 @pytest.mark.parametrize("ties", [False, True])
-def test_fast_path_matches_dense_on_long_lists(ties: bool) -> None:
-    s, t = random_lists((2, 1500), ties=ties, seed=7)
-    mask = torch.rand(2, 1500, generator=torch.Generator().manual_seed(2)) > 0.1
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_auto_fast_path_matches_float64_dense(ties: bool, dtype: torch.dtype) -> None:
+    # 2 lists of 400 items: 320,000 pair entries, past the CPU bound of 2**18, so
+    # the default loss takes the sort-based path.
+    s, t = random_lists((2, 400), ties=ties, seed=7)
+    s, t = s.to(dtype), t.to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(2, 400, generator=gen) > 0.1
+    weights = torch.rand(2, 400, generator=gen).to(dtype)
+    loss_fn = ContinuousAPLoss()
+    assert not loss_fn.uses_dense(s)
+    # The reference: the dense path in float64 on the same (rounded) values.
     dense = ContinuousAPLoss(method="dense")
-    fast = ContinuousAPLoss(method="fast")
-    value_d, grad_d = value_and_grad(dense, s, targets=t, mask=mask)
-    value_f, grad_f = value_and_grad(fast, s, targets=t, mask=mask)
-    torch.testing.assert_close(value_f, value_d, rtol=1e-6, atol=0.0)
-    torch.testing.assert_close(grad_f, grad_d, rtol=1e-6, atol=1e-12)
+    for w in (None, weights):
+        value, grad = value_and_grad(loss_fn, s, targets=t, mask=mask, weights=w)
+        ref_value, ref_grad = value_and_grad(
+            dense,
+            s.double(),
+            targets=t.double(),
+            mask=mask,
+            weights=None if w is None else w.double(),
+        )
+        assert value.dtype == grad.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=0.0)
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-15)
+        else:
+            torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=0.0)
+            torch.testing.assert_close(
+                grad.double(),
+                ref_grad,
+                rtol=1e-4,
+                atol=1e-6 * float(ref_grad.abs().max()),
+            )
 
 
 def test_negatives_and_positives_agree_per_item() -> None:
@@ -186,6 +216,70 @@ def test_auto_method_switches_on_list_size(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == ["dense", "fast", "fast"]
 
 
+def test_cpu_fast_path_counts_distinct_targets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the fast path gets no level bound (it counts the distinct targets)."""
+    seen: list[object] = []
+    fast = _ranking_ops.fast_negatives_and_positives
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["row_length"])
+        return fast(*args, **kwargs)
+
+    monkeypatch.setattr(cap, "fast_negatives_and_positives", spy)
+    ContinuousAPLoss(method="fast")(scores=torch.randn(2, 8), targets=torch.rand(2, 8))
+    assert seen == [None]
+
+
+def test_default_bound_uses_the_compute_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[torch.device, torch.dtype]] = []
+
+    def spy(device: torch.device, dtype: torch.dtype) -> int:
+        calls.append((device, dtype))
+        return 0
+
+    monkeypatch.setattr(cap, "default_dense_max_pairs", spy)
+    loss_fn = ContinuousAPLoss()
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        assert not loss_fn.uses_dense(torch.zeros(2, 3, dtype=dtype))
+    cpu = torch.device("cpu")
+    assert calls == [(cpu, torch.float64), (cpu, torch.float32), (cpu, torch.float32)]
+
+
+def test_cuda_bound_reads_the_memory_of_the_scores_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    memory = {0: 80 * 2**30, 1: 40 * 2**30}
+    monkeypatch.setattr(cap, "_cuda_total_memory", lambda index: memory[index])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    bound = cap.default_dense_max_pairs
+    assert bound(torch.device("cuda", 0), torch.float32) == 20 * 2**30 // 40
+    assert bound(torch.device("cuda", 1), torch.float32) == 10 * 2**30 // 40
+    # No index: the current device.
+    assert bound(torch.device("cuda"), torch.float32) == 10 * 2**30 // 40
+
+
+def test_cuda_total_memory_is_read_once_per_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads: list[int] = []
+
+    class Properties:
+        def __init__(self, total_memory: float) -> None:
+            self.total_memory = total_memory
+
+    def properties(index: int) -> Properties:
+        reads.append(index)
+        return Properties(float(2**30 * (index + 1)))
+
+    monkeypatch.setattr(cap, "_CUDA_TOTAL_MEMORY", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    assert cap._cuda_total_memory(1) == 2 * 2**30
+    assert cap._cuda_total_memory(0) == 2**30
+    assert cap._cuda_total_memory(1) == 2 * 2**30
+    assert isinstance(cap._cuda_total_memory(0), int)
+    assert reads == [1, 0]
+
+
 def test_default_dense_bound_depends_on_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -199,6 +293,7 @@ def test_default_dense_bound_depends_on_device(
     assert cap.default_dense_max_pairs(gpu, torch.float64) == 20 * 2**30 // 80
     # An explicit bound overrides the device default.
     assert not ContinuousAPLoss(dense_max_pairs=99).uses_dense(torch.zeros(10))
+    assert ContinuousAPLoss(dense_max_pairs=100).uses_dense(torch.zeros(10))
     assert ContinuousAPLoss(method="dense").uses_dense(torch.zeros(10**6))
     assert not ContinuousAPLoss(method="fast").uses_dense(torch.zeros(2))
 
@@ -388,6 +483,69 @@ def test_no_valid_anchor_gives_zero_connected_to_graph(method: str, case: str) -
     assert s.grad is not None and float(s.grad.abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_weights_are_a_weighted_mean(method: str) -> None:
+    """Scaling all weights (e.g. to a total below 1) leaves the loss unchanged."""
+    s, t = random_lists((2, 12), ties=False, seed=15)
+    weights = torch.rand(2, 12, generator=torch.Generator().manual_seed(0)).double()
+    loss_fn = ContinuousAPLoss(method=method)
+    expected = reference_loss(s, t, weights=weights)
+    for scale in (1.0, 1e-3):
+        value = loss_fn(scores=s, targets=t, weights=weights * scale)
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=0.0)
+
+
+def test_weights_are_cast_to_the_compute_dtype() -> None:
+    s, t = random_lists((3, 40), ties=False, seed=20)
+    weights = torch.rand(3, 40, generator=torch.Generator().manual_seed(3))
+    loss_fn = ContinuousAPLoss()
+    value = loss_fn(scores=s, targets=t, weights=weights)  # float32 weights
+    expected = loss_fn(scores=s, targets=t, weights=weights.double())
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, expected, rtol=1e-14, atol=0.0)
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_nan_weight_of_a_valid_item_counts_as_zero(method: str) -> None:
+    s, t = random_lists((10,), ties=False, seed=16)
+    weights = torch.rand(10, generator=torch.Generator().manual_seed(1)).double()
+    bad = weights.clone()
+    bad[4] = float("nan")
+    weights[4] = 0.0
+    value = ContinuousAPLoss(method=method)(scores=s, targets=t, weights=bad)
+    torch.testing.assert_close(value, reference_loss(s, t, weights=weights))
+
+
+def test_value_checks_accept_zero_and_small_weights() -> None:
+    s, t = random_lists((2, 10), ties=False, seed=17)
+    weights = torch.rand(2, 10, generator=torch.Generator().manual_seed(2)).double()
+    weights[:, ::3] = 0.0
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 5] = False
+    weights[1, 5] = -1.0  # masked: not checked
+    with value_checks():
+        value = ContinuousAPLoss()(scores=s, targets=t, weights=weights, mask=mask)
+    expected = reference_loss(s, t, weights=weights.clamp_min(0.0), mask=mask)
+    torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize("method", ["dense", "fast"])
+def test_surrogate_of_a_subclass_reaches_both_paths(method: str) -> None:
+    """``_surrogate`` selects the step smoothing of the dense and the fast path."""
+
+    def hinge(x: Tensor, tau: float) -> Tensor:
+        return torch.clamp(1 - x / tau, min=0.0)
+
+    s, t = random_lists((2, 15), ties=True, seed=18)
+    loss_fn = HingeContinuousAPLoss(tau=0.7, method=method)
+    value, grad = value_and_grad(loss_fn, s, targets=t)
+    ref_value, ref_grad = value_and_grad(
+        lambda **kw: reference_loss(tau=0.7, surrogate=hinge, **kw), s, targets=t
+    )
+    torch.testing.assert_close(value, ref_value, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
 def test_autocast_bf16_computes_in_float32() -> None:
     s, t = random_lists((500,), ties=False, seed=12)
     s16, t16 = s.to(torch.bfloat16), t.to(torch.bfloat16)
@@ -401,9 +559,22 @@ def test_autocast_bf16_computes_in_float32() -> None:
     assert leaf.grad is not None and leaf.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("shape", [(500,), (2, 400)])  # dense / fast under "auto"
+def test_bfloat16_scores_are_ranked_in_float32(shape: tuple[int, ...]) -> None:
+    s, t = random_lists(shape, ties=False, seed=12)
+    s16, t32 = s.to(torch.bfloat16), t.float()
+    # A small kappa makes l_i ~ kappa NEG_i / POS_i: the loss follows NEG closely, so
+    # score differences rounded to bfloat16 would show.
+    loss_fn = ContinuousAPLoss(kappa=1e-3)
+    value = loss_fn(scores=s16, targets=t32)
+    expected = loss_fn(scores=s16.float(), targets=t32)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=0.0)
+
+
 @pytest.mark.parametrize("method", ["dense", "fast"])
 def test_float32_inputs_match_float64_dense_reference(method: str) -> None:
-    s, t = random_lists((3000,), ties=False, seed=13)
+    s, t = random_lists((1100,), ties=False, seed=13)
     s32, t32 = s.float(), t.float()
     # The reference: the dense path in float64 on the same (float32-rounded) values.
     ref_value, ref_grad = value_and_grad(
@@ -419,15 +590,15 @@ def test_float32_inputs_match_float64_dense_reference(method: str) -> None:
 
 def test_float32_inputs_are_exact_on_anchors_with_few_negatives() -> None:
     """Anchors with a tiny NEG lose it to cancellation if the sums run in float32."""
-    s, t = random_lists((3000,), ties=False, seed=13)
+    s, t = random_lists((1100,), ties=False, seed=13)
     s32, t32 = s.float(), t.float()
-    valid = torch.ones(1, 3000, dtype=torch.bool)
+    valid = torch.ones(1, 1100, dtype=torch.bool)
     neg, _ = _ranking_ops.dense_negatives_and_positives(
         s32.double()[None], t32.double()[None], valid, TAU
     )
     positive = torch.nonzero(neg[0] > 0).squeeze(1)
     smallest = positive[neg[0, positive].argsort()[:10]]
-    weights = torch.zeros(3000)
+    weights = torch.zeros(1100)
     weights[smallest] = 1.0
     # Only those 10 anchors weigh: the loss is the mean of their l_i.
     expected = ContinuousAPLoss(method="dense")(
@@ -435,6 +606,27 @@ def test_float32_inputs_are_exact_on_anchors_with_few_negatives() -> None:
     )
     value = ContinuousAPLoss(method="fast")(scores=s32, targets=t32, weights=weights)
     torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=0.0)
+
+
+def test_float32_scores_crowded_near_one_keep_float64_accuracy() -> None:
+    """Scores crowded near 1 (cosine similarities), a small margin: float32 inputs.
+
+    The fast path's moment sums of ``s``, ``s^2``, ``t s`` cancel by orders of
+    magnitude there and must run in float64 (scores and targets).
+    """
+    gen = torch.Generator().manual_seed(19)
+    s = (0.9 + 0.02 * torch.randn(2, 600, generator=gen)).float()
+    t = torch.rand(2, 600, generator=gen).float()
+    loss_fn = ContinuousAPLoss(tau=0.05)
+    assert not loss_fn.uses_dense(s)
+    ref_value, ref_grad = value_and_grad(
+        ContinuousAPLoss(tau=0.05, method="dense"), s.double(), targets=t.double()
+    )
+    value, grad = value_and_grad(loss_fn, s, targets=t)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=0.0, atol=1e-5 * float(ref_grad.abs().max())
+    )
 
 
 def test_cuda_matches_cpu() -> None:
@@ -506,6 +698,19 @@ class TestBadInput:
             ContinuousAPLoss()(**inputs)
         # Off by default (the check reads values on the host): no error.
         ContinuousAPLoss()(**inputs)
+
+    @pytest.mark.parametrize("name", ["targets", "weights", "mask"])
+    def test_not_a_tensor(self, name: str) -> None:
+        inputs: dict[str, object] = {
+            "scores": torch.randn(3),
+            "targets": torch.rand(3),
+        }
+        inputs[name] = [0.0, 1.0, 1.0]
+        with pytest.raises(
+            ValueError,
+            match=rf"{name} must have the same shape as scores \(3,\), got <class 'list'>",
+        ):
+            ContinuousAPLoss()(**inputs)  # type: ignore[arg-type]
 
     def test_targets_requiring_grad(self) -> None:
         with pytest.raises(ValueError, match="targets must not require grad"):

@@ -93,9 +93,14 @@ def _reference_loss(
     negative_weight: float = 0.1,
     tau: float = 0.5,
     weight_offset: float = -0.2,
+    negatives: list[list[int]] | None = None,
 ) -> Tensor:
-    """CoTAP loss with every other image of the batch as negative (R = B - 1)."""
+    """CoTAP loss; image b's negatives are ``negatives[b]`` (default: every other
+    image of the batch, R = B - 1).
+    """
     batch = student_x.shape[0]
+    if negatives is None:
+        negatives = [[c for c in range(batch) if c != b] for b in range(batch)]
     losses = []
     for p in pool_sizes:
         scores: list[Tensor] = []
@@ -103,7 +108,8 @@ def _reference_loss(
         weights: list[float] = []
         sel_x = [_reference_selection(fg_mask_x, b, p, top_k) for b in range(batch)]
         sel_pos = [_reference_selection(fg_mask_pos, b, p, top_k) for b in range(batch)]
-        for b, c in itertools.product(range(batch), range(batch)):
+        pairs = [(b, c) for b in range(batch) for c in [b, *negatives[b]]]
+        for b, c in pairs:
             factor = 1.0 if b == c else negative_weight
             for cx in sel_x[b]:
                 for cp in sel_pos[c]:
@@ -125,9 +131,14 @@ def _reference_loss(
 
 
 def _reference_of(
-    inputs: dict[str, Tensor], *, pool_sizes: tuple[int, ...], top_k: int
+    inputs: dict[str, Tensor],
+    *,
+    pool_sizes: tuple[int, ...],
+    top_k: int,
+    negatives: list[list[int]] | None = None,
+    negative_weight: float = 0.1,
 ) -> Tensor:
-    """:func:`_reference_loss` of a batch of :func:`_random_batch` (default weights)."""
+    """:func:`_reference_loss` of a batch of :func:`_random_batch`."""
     return _reference_loss(
         student_x=inputs["student_x"],
         student_pos=inputs["student_pos"],
@@ -137,6 +148,8 @@ def _reference_of(
         fg_mask_pos=inputs["fg_mask_pos"],
         pool_sizes=pool_sizes,
         top_k=top_k,
+        negatives=negatives,
+        negative_weight=negative_weight,
     )
 
 
@@ -845,3 +858,210 @@ def test_default_criterion_is_continuous_ap_loss() -> None:
 def test_cotap_loss_bad_criterion_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         CoTAPLoss(**kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# Distributed paths in one process: rank 0 of two emulated by patching lightly's
+# dist.world_size / dist.gather and torch.distributed.broadcast, so that every
+# mutation-test run reaches them (the real 2-process run is test_cotap_loss_ddp.py).
+# ----------------------------------------------------------------------------------
+
+
+def _rank_one(x: Tensor) -> Tensor:
+    """Rank 1's batch made from rank 0's features or cells (B, ..., K): the images
+    in reverse order, the channels scaled unequally (other cosines, no ties).
+    """
+    return x.flip(0) * torch.linspace(0.5, 2.0, x.shape[-1], dtype=x.dtype)
+
+
+def _emulate_rank_zero_of_two(
+    monkeypatch: pytest.MonkeyPatch, *, rank_zero_order: Tensor, size_change: int = 0
+) -> list[tuple[Tensor, Any]]:
+    """Makes this process rank 0 of 2. Rank 1 holds :func:`_rank_one` of every
+    gathered float tensor and ``B + size_change`` images; every broadcast receives
+    ``rank_zero_order``. Returns the (sent tensor, src) of the broadcasts.
+    """
+    broadcasts: list[tuple[Tensor, Any]] = []
+
+    def gather(tensor: Tensor) -> tuple[Tensor, Tensor]:
+        if not tensor.is_floating_point():  # the batch sizes
+            return tensor, tensor + size_change
+        return tensor, _rank_one(tensor.detach())
+
+    def broadcast(tensor: Tensor, src: Any) -> None:
+        broadcasts.append((tensor.clone(), src))
+        tensor.copy_(rank_zero_order)
+
+    monkeypatch.setattr(cotap_loss.dist, "world_size", lambda: 2)
+    monkeypatch.setattr(cotap_loss.dist, "gather", gather)
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    return broadcasts
+
+
+def _following(order: list[int], count: int) -> list[list[int]]:
+    """Per image, the ``count`` images that follow it in the cyclic ``order``."""
+    position = {image: i for i, image in enumerate(order)}
+    return [
+        [order[(position[b] + s) % len(order)] for s in range(1, count + 1)]
+        for b in range(len(order))
+    ]
+
+
+def test_cotap_loss_ranks_the_gathered_batch_with_rank_zeros_draw(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = _random_batch(batch=3, seed=15)
+    order = [3, 0, 5, 1, 4, 2]  # rank 0's cyclic order of the 6 gathered images
+    broadcasts = _emulate_rank_zero_of_two(
+        monkeypatch, rank_zero_order=torch.tensor(order)
+    )
+    loss_fn = CoTAPLoss(
+        pool_sizes=(2, 4), top_k=2, num_negatives=2, gather_distributed=True
+    )
+    torch.manual_seed(0)
+    loss = loss_fn(**inputs)
+    (grad,) = torch.autograd.grad(loss, inputs["student_x"])
+    # Each pool size broadcasts this rank's own draw of the 6 images from rank 0.
+    assert [src for _, src in broadcasts] == [0, 0]
+    for sent, _ in broadcasts:
+        assert sent.dtype == torch.int64 and sorted(sent.tolist()) == list(range(6))
+    # Reference: the concatenated batch of both ranks; gradients reach this rank's
+    # features only through its own part of the gathered cells.
+    both = {
+        name: torch.cat([value, _rank_one(value.detach())])
+        for name, value in inputs.items()
+        if name.startswith(("student", "teacher"))
+    }
+    for name in ("fg_mask_x", "fg_mask_pos"):
+        both[name] = torch.cat([inputs[name], inputs[name].flip(0)])
+    expected = _reference_of(
+        both, pool_sizes=(2, 4), top_k=2, negatives=_following(order, 2)
+    )
+    (expected_grad,) = torch.autograd.grad(expected, inputs["student_x"])
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-12)
+    # The draw matters: another order of the 6 images gives another loss.
+    other = _reference_of(
+        both, pool_sizes=(2, 4), top_k=2, negatives=_following(order[::-1], 2)
+    )
+    assert abs(float((other - expected).detach())) > 1e-6
+
+
+def test_cotap_loss_refuses_unequal_batches_of_the_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = _random_batch(batch=3, seed=15)
+    _emulate_rank_zero_of_two(
+        monkeypatch, rank_zero_order=torch.arange(6), size_change=-1
+    )
+    loss_fn = CoTAPLoss(pool_sizes=(2,), top_k=2, gather_distributed=True)
+    with pytest.raises(
+        ValueError,
+        match=r"^gather_distributed=True needs the same batch size on every rank, "
+        r"got batch sizes \[3, 2\] on ranks 0\.\.1 \(student_x of shape "
+        r"\(3, 2, 4, 4, 5\) here\)",
+    ):
+        loss_fn(**inputs)
+
+
+def test_cotap_loss_without_gather_distributed_stays_on_its_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inputs = _random_batch(batch=3, seed=16)
+    _emulate_rank_zero_of_two(monkeypatch, rank_zero_order=torch.arange(6))
+
+    def no_gather(tensor: Tensor) -> None:
+        raise AssertionError("gathered without gather_distributed")
+
+    monkeypatch.setattr(cotap_loss.dist, "gather", no_gather)
+    loss = CoTAPLoss(pool_sizes=(2, 4), top_k=2, num_negatives=2)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(2, 4), top_k=2)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------
+# Cell helpers: sort stability on long lists, autocast.
+# ----------------------------------------------------------------------------------
+
+
+def test_select_foreground_cells_without_random_ties_keeps_the_first_of_many() -> None:
+    # 2 crops of 32 x 32 one-pixel cells: 2,048 cells per image, half of them tied
+    # at 1, enough for an unstable sort to reorder the ties.
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 2, 32, 32, generator=gen) > 0.5
+    index = select_foreground_cells(mask, pool_size=32, top_k=8, random_tie_break=False)
+    for b in range(2):
+        first = [i for i, on in enumerate(mask[b].flatten().tolist()) if on][:8]
+        assert index[b].tolist() == first
+
+
+def test_pair_similarities_under_cpu_autocast_stay_float32() -> None:
+    gen = torch.Generator().manual_seed(1)
+    anchors = torch.randn(3, 2, 8, generator=gen, dtype=torch.float64)
+    positives = torch.randn(3, 4, 8, generator=gen, dtype=torch.float64)
+    negatives = torch.tensor([[1], [2], [0]])
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        sim, _ = pair_similarities(
+            anchors=anchors.float(),
+            positives=positives.float(),
+            negative_index=negatives,
+        )
+    assert sim.dtype == torch.float32
+    for b, r, i, j in itertools.product(range(3), range(2), range(2), range(4)):
+        other = b if r == 0 else int(negatives[b, r - 1])
+        expected = _cos(anchors[b, i], positives[other, j])
+        assert float(sim[b, r, i, j]) == pytest.approx(float(expected), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------
+# Argument edges: the smallest valid values.
+# ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool_sizes", [(True,), (2.0,)])
+def test_cotap_loss_pool_sizes_must_be_ints(pool_sizes: tuple[Any, ...]) -> None:
+    with pytest.raises(ValueError, match="pool_sizes"):
+        CoTAPLoss(pool_sizes=pool_sizes)
+
+
+def test_cotap_loss_one_cell_per_crop_and_unweighted_negatives() -> None:
+    inputs = _random_batch(batch=3, seed=17)
+    # Pool size 1: every crop is one cell (2 cells per image, both kept).
+    loss = CoTAPLoss(pool_sizes=(1,), top_k=2)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(1,), top_k=2)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    # negative_weight 0: other-image pairs are ranked but carry no anchor weight.
+    loss = CoTAPLoss(pool_sizes=(2,), top_k=2, negative_weight=0.0)(**inputs)
+    expected = _reference_of(inputs, pool_sizes=(2,), top_k=2, negative_weight=0.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_cotap_loss_mask_checks_only_with_value_checks() -> None:
+    inputs = _random_batch(batch=2, seed=9)
+    loss_fn = CoTAPLoss(pool_sizes=(4,))
+    torch.manual_seed(0)
+    plain = loss_fn(**inputs)
+    with value_checks():  # finite float masks pass the checks
+        torch.manual_seed(0)
+        checked = loss_fn(**inputs)
+    torch.testing.assert_close(checked, plain, rtol=0.0, atol=0.0)
+    mask = inputs["fg_mask_x"].clone()
+    mask[0, 0, 0, 0] = float("inf")
+    loss_fn(**dict(inputs, fg_mask_x=mask))  # not checked by default: no error
+
+
+def test_cotap_loss_configures_its_default_criterion() -> None:
+    inputs = _random_batch(seed=18)
+    loss_fn = CoTAPLoss(pool_sizes=(2,), top_k=2, tau=0.3, kappa=2.0, weight_offset=0.1)
+    criterion = loss_fn.criterion
+    assert isinstance(criterion, ContinuousAPLoss)
+    assert (criterion.tau, criterion.kappa, criterion.weight_offset) == (0.3, 2.0, 0.1)
+    given = CoTAPLoss(
+        pool_sizes=(2,),
+        top_k=2,
+        weight_offset=0.1,
+        criterion=ContinuousAPLoss(tau=0.3, kappa=2.0),
+    )
+    unscaled = CoTAPLoss(pool_sizes=(2,), top_k=2, tau=0.3, weight_offset=0.1)
+    torch.testing.assert_close(loss_fn(**inputs), given(**inputs))
+    assert abs(float((loss_fn(**inputs) - unscaled(**inputs)).detach())) > 1e-6

@@ -242,19 +242,272 @@ class TestCoTAPTransform:
         "kwargs",
         [
             {"global_crop_size": 0},
+            {"local_crop_size": 0},
             {"local_crop_scale": (0.2, 0.1)},
             {"global_crop_scale": (0.0, 1.0)},
+            {"global_crop_scale": (0.5, 1.5)},
             {"crop_ratio": (2.0, 1.0)},
+            {"crop_ratio": (0.0, 1.0)},
             {"n_local_views": -1},
             {"min_intersection": 0.6},
+            {"min_intersection": 0.5},
             {"max_tries": 0},
             {"hf_prob": 1.5},
+            {"cj_prob": 1.5},
+            {"random_gray_scale": -0.1},
             {"gaussian_blur": -0.1},
         ],
     )
     def test_invalid_arguments(self, kwargs: dict[str, object]) -> None:
-        with pytest.raises(ValueError):
+        (name,) = kwargs
+        with pytest.raises(ValueError, match=f"^{name} must"):
             CoTAPTransform(**kwargs)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"global_crop_size": 1, "local_crop_size": 1},
+            {"global_crop_scale": (0.5, 0.5), "local_crop_scale": (1.0, 1.0)},
+            {"crop_ratio": (1.0, 1.0)},
+            {"n_local_views": 0},
+            {"max_tries": 1},
+            {"min_intersection": 0.0},
+        ],
+    )
+    def test_boundary_arguments_are_accepted(self, kwargs: dict[str, object]) -> None:
+        transform = CoTAPTransform(**kwargs)  # type: ignore[arg-type]
+        boxes = transform.sample_boxes(height=40, width=50)
+        assert boxes.shape == (transform.n_views, 4)
+
+    def test_documented_defaults(self) -> None:
+        transform = CoTAPTransform()
+        assert transform.n_local_views == 4 and transform.max_tries == 100
+        assert transform.min_intersection == 0.01 and transform.hf_prob == 0.0
+
+    @pytest.mark.parametrize(
+        ("kwargs", "expected"),
+        [
+            # The defaults: cj_prob 0.8, strength 1, jitter 0.8/0.8/0.8/0.2, gray
+            # 0.2, blur 0.5 with sigmas (0.1, 2).
+            ({}, (0.8, 0.8, 0.8, 0.8, 0.2, 0.2, 0.5, (0.1, 2.0))),
+            (
+                {
+                    "cj_prob": 0.3,
+                    "cj_strength": 0.5,
+                    "cj_bright": 0.4,
+                    "cj_contrast": 0.6,
+                    "cj_sat": 1.0,
+                    "cj_hue": 0.1,
+                    "random_gray_scale": 0.7,
+                    "gaussian_blur": 0.25,
+                    "sigmas": (0.5, 1.0),
+                },
+                (0.3, 0.2, 0.3, 0.5, 0.05, 0.7, 0.25, (0.5, 1.0)),
+            ),
+        ],
+    )
+    def test_colour_parameters_are_passed_on(
+        self,
+        kwargs: dict[str, object],
+        expected: tuple[float, float, float, float, float, float, float, object],
+    ) -> None:
+        cj_prob, bright, contrast, sat, hue, gray_p, blur_p, sigmas = expected
+        transform = CoTAPTransform(**kwargs)  # type: ignore[arg-type]
+        (jitter_apply, gray, blur, _, _) = transform.student_transform.transforms
+        jitter = jitter_apply.transforms[0]
+        assert jitter_apply.p == cj_prob
+        assert jitter.brightness == pytest.approx((1 - bright, 1 + bright))
+        assert jitter.contrast == pytest.approx((1 - contrast, 1 + contrast))
+        assert jitter.saturation == pytest.approx((1 - sat, 1 + sat))
+        assert jitter.hue == pytest.approx((-hue, hue))
+        assert gray.p == gray_p
+        assert (blur.prob, blur.sigmas) == (blur_p, sigmas)
+
+    def test_disabled_colour_augmentations_are_left_out(self) -> None:
+        transform = _plain_transform()
+        assert [type(t).__name__ for t in transform.student_transform.transforms] == [
+            "ToTensor"
+        ]
+
+    def test_certain_gray_scale_and_blur_are_applied(self) -> None:
+        torch.manual_seed(15)
+        image = torch.rand(3, 64, 64)
+        gray = CoTAPTransform(
+            cj_prob=0.0, random_gray_scale=1.0, gaussian_blur=0.0, normalize=None
+        )(image)
+        for view in gray["student"]:
+            assert torch.equal(view[0], view[1]) and torch.equal(view[1], view[2])
+        blurred = CoTAPTransform(
+            cj_prob=0.0,
+            random_gray_scale=0.0,
+            gaussian_blur=1.0,
+            sigmas=(2.0, 2.0),
+            normalize=None,
+            global_crop_size=64,
+            local_crop_size=32,
+        )(image)
+        for student, teacher in zip(blurred["student"][:2], blurred["teacher"]):
+            # Blurring noise with sigma 2 flattens it.
+            assert student.std() < 0.8 * teacher.std()
+
+    def test_downscaled_crops_are_antialiased(self) -> None:
+        # A one-pixel checkerboard averages to 0.5 when antialiased; plain bilinear
+        # sampling would alias it.
+        torch.manual_seed(16)
+        ys, xs = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+        board = ((xs + ys) % 2).float().expand(3, -1, -1)
+        transform = _plain_transform(global_crop_size=16, local_crop_size=8)
+        views = transform(board)
+        for crop, box, size in zip(
+            views["student"], views["boxes"], transform.crop_sizes
+        ):
+            x0, y0, x1, y1 = (int(v) for v in box.tolist())
+            expected = F.interpolate(
+                board[None, :, y0:y1, x0:x1],
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
+            torch.testing.assert_close(crop, expected, atol=1e-5, rtol=0)
+
+    def test_image_size_of_tensors_and_pil_images(self) -> None:
+        assert cotap_transform._image_size(torch.zeros(5, 7)) == (5, 7)
+        assert cotap_transform._image_size(torch.zeros(3, 5, 7)) == (5, 7)
+        assert cotap_transform._image_size(torch.zeros(2, 3, 5, 7)) == (5, 7)
+        assert cotap_transform._image_size(Image.new("RGB", (7, 5))) == (5, 7)
+        with pytest.raises(ValueError, match="shape"):
+            cotap_transform._image_size(torch.zeros(5))
+        views = _plain_transform(n_local_views=0)(torch.rand(3, 50, 70))
+        assert views["image_size"].dtype == torch.float32
+        assert views["image_size"].tolist() == [50.0, 70.0]
+
+
+class TestBoxGeometry:
+    @pytest.mark.parametrize(
+        ("a", "b", "area"),
+        [
+            ((0, 0, 10, 10), (5, 5, 20, 20), 25.0),
+            ((0, 0, 10, 10), (20, 0, 30, 10), 0.0),  # apart along x
+            ((0, 0, 10, 10), (0, 20, 10, 30), 0.0),  # apart along y
+            ((0, 0, 10, 10), (10, 0, 20, 10), 0.0),  # touching
+            ((2, 3, 4, 9), (0, 0, 10, 10), 12.0),  # contained
+        ],
+    )
+    def test_intersection_area(
+        self, a: tuple[int, ...], b: tuple[int, ...], area: float
+    ) -> None:
+        assert cotap_transform._intersection_area(a, b) == area
+        assert cotap_transform._intersection_area(b, a) == area
+
+    def test_overlaps_threshold_is_inclusive_and_needs_a_positive_area(self) -> None:
+        box = (0, 0, 10, 10)
+        assert cotap_transform._overlaps(box, [(5, 5, 20, 20)], 25.0)
+        assert not cotap_transform._overlaps(box, [(5, 5, 20, 20)], 25.5)
+        assert cotap_transform._overlaps(box, [(9, 9, 20, 20)], 0.0)  # area 1
+        assert not cotap_transform._overlaps(box, [(10, 0, 20, 10)], 0.0)
+        assert not cotap_transform._overlaps(box, [(5, 5, 20, 20), (30, 0, 40, 9)], 1)
+        assert cotap_transform._overlaps(box, [], 1e9)
+
+
+def _script_random_boxes(
+    monkeypatch: pytest.MonkeyPatch, first: tuple[int, ...], rest: tuple[int, ...]
+) -> list[int]:
+    """Makes _random_box return ``first`` once and then always ``rest``; returns a
+    list that counts the draws.
+    """
+    calls: list[int] = []
+
+    def scripted(*args: object) -> tuple[int, ...]:
+        calls.append(1)
+        return first if len(calls) == 1 else rest
+
+    monkeypatch.setattr(cotap_transform, "_random_box", scripted)
+    return calls
+
+
+class TestOverlapFallback:
+    @pytest.mark.parametrize("max_tries", [1, 3, 5])
+    def test_draws_max_tries_boxes_per_crop(
+        self, monkeypatch: pytest.MonkeyPatch, max_tries: int
+    ) -> None:
+        # Every later draw misses the first global crop entirely.
+        calls = _script_random_boxes(monkeypatch, (0, 0, 50, 40), (150, 60, 160, 70))
+        transform = CoTAPTransform(n_local_views=2, max_tries=max_tries)
+        with pytest.warns(UserWarning, match="min_intersection"):
+            transform.sample_boxes(height=100, width=200)
+        assert len(calls) == 1 + 3 * max_tries
+
+    @pytest.mark.parametrize(
+        ("first", "rest", "expected"),
+        [
+            # Centred on the intersection, centre (x, y) = (60, 50): the later
+            # draws (size 4 x 6) are moved to (58, 47, 62, 53).
+            ((10, 20, 110, 80), (0, 0, 4, 6), (58, 47, 62, 53)),
+            # Near the top left: the centred box (size 60 x 30) would start at
+            # (-20, -5) and is clamped into the image.
+            ((0, 0, 20, 20), (100, 50, 160, 80), (0, 0, 60, 30)),
+            # Near the bottom right: it would end at (220, 105).
+            ((180, 80, 200, 100), (0, 0, 60, 30), (140, 70, 200, 100)),
+        ],
+    )
+    def test_fallback_box_is_centred_on_the_global_intersection(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        first: tuple[int, ...],
+        rest: tuple[int, ...],
+        expected: tuple[int, ...],
+    ) -> None:
+        _script_random_boxes(monkeypatch, first, rest)
+        transform = CoTAPTransform(n_local_views=2, min_intersection=0.4, max_tries=2)
+        with pytest.warns(UserWarning, match="min_intersection"):
+            boxes = transform.sample_boxes(height=100, width=200)
+        assert boxes[0].tolist() == list(first)
+        for box in boxes[1:]:
+            assert box.tolist() == list(expected)
+
+
+class TestOverlapThresholds:
+    def _boxes(self, min_intersection: float, seed: int, n_local_views: int) -> Tensor:
+        torch.manual_seed(seed)
+        transform = CoTAPTransform(
+            min_intersection=min_intersection, n_local_views=n_local_views
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # reachable: no fallback boxes
+            return torch.stack(
+                [transform.sample_boxes(height=300, width=500) for _ in range(60)]
+            )
+
+    def test_local_crops_need_the_single_threshold(self) -> None:
+        # Local crops must overlap each global crop by min_intersection (not twice
+        # that), and are not constrained against each other.
+        area = 300 * 500
+        boxes = self._boxes(0.03, seed=17, n_local_views=4)
+        local_global = torch.stack(
+            [
+                _intersection_area(boxes[:, v], boxes[:, g])
+                for v in range(2, 6)
+                for g in (0, 1)
+            ]
+        )
+        assert (local_global >= 0.03 * area).all()
+        assert (local_global < 0.06 * area).any()
+        local_local = torch.stack(
+            [
+                _intersection_area(boxes[:, v], boxes[:, w])
+                for v in range(2, 6)
+                for w in range(v + 1, 6)
+            ]
+        )
+        assert (local_local == 0).any()
+
+    def test_global_crops_need_twice_the_threshold(self) -> None:
+        area = 300 * 500
+        boxes = self._boxes(0.1, seed=18, n_local_views=0)
+        global_global = _intersection_area(boxes[:, 0], boxes[:, 1])
+        assert (global_global >= 0.2 * area).all()
+        assert (global_global < 0.3 * area).any()
 
 
 def _interior(grid_boxes: Tensor, n: int, grid_size: int, flipped: Tensor) -> Tensor:

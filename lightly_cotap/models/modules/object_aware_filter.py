@@ -344,6 +344,6 @@ def _validate_block(block: Any, embed_dim: int) -> None:
 
 
 def _layer_norm_eps(block: nn.Module) -> float:
-    """The eps of the block's first norm (1e-6 for timm ViTs)."""
-    eps = getattr(getattr(block, "norm1", None), "eps", 1e-6)
+    """The eps of the block's first norm (checked to exist), else timm ViTs' 1e-6."""
+    eps = getattr(block.norm1, "eps", 1e-6)
     return float(eps)

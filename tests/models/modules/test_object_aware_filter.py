@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -106,21 +109,32 @@ def _reference(
     return cls_out, dense, a
 
 
+def _compare_with_reference(
+    flt: ObjectAwareFilter, block: Block, hw: tuple[int, int], seed: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Runs the filter and the reference on random float64 inputs, asserts equality.
+
+    Returns the patches, the filter's dense output and the reference attention.
+    """
+    torch.manual_seed(seed)
+    cls = torch.randn(2, D, dtype=torch.float64)
+    patches = torch.randn(2, D, *hw, dtype=torch.float64)
+    cls_out, dense = flt(cls, patches)
+    ref_cls, ref_dense, ref_attn = _reference(flt, block, cls, patches)
+    torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+    return patches, dense, ref_attn
+
+
 class TestObjectAwareFilter:
-    @pytest.mark.parametrize("prototype_size", [1, 3])
+    @pytest.mark.parametrize("prototype_size", [1, 3, 5])
     @pytest.mark.parametrize("hw", [(4, 5), (3, 3)])
     def test_matches_reference(self, prototype_size: int, hw: tuple[int, int]) -> None:
         block = _block()
         flt = _filter(block, prototype_size=prototype_size)
-        torch.manual_seed(1)
-        cls = torch.randn(2, D, dtype=torch.float64)
-        patches = torch.randn(2, D, *hw, dtype=torch.float64)
-        cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense, _ = _reference(flt, block, cls, patches)
-        assert cls_out.shape == (2, 2 * D)
-        assert dense.shape == (2, 2 * D, *hw)
-        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+        _, dense, _ = _compare_with_reference(flt, block, hw, seed=1)
+        assert dense.shape == (2, flt.out_dim, *hw)
+        assert flt.out_dim == 2 * D
 
     @pytest.mark.parametrize(
         "options",
@@ -144,13 +158,7 @@ class TestObjectAwareFilter:
         if "scale_attn_norm" in options:
             assert isinstance(block.attn.norm, nn.LayerNorm)
         flt = _filter(block)
-        torch.manual_seed(4)
-        cls = torch.randn(2, D, dtype=torch.float64)
-        patches = torch.randn(2, D, 4, 3, dtype=torch.float64)
-        cls_out, dense = flt(cls, patches)
-        ref_cls, ref_dense, ref_attn = _reference(flt, block, cls, patches)
-        torch.testing.assert_close(dense, ref_dense, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(cls_out, ref_cls, rtol=1e-10, atol=1e-10)
+        patches, _, ref_attn = _compare_with_reference(flt, block, (4, 3), seed=4)
         torch.testing.assert_close(
             flt.patch_attention(patches), ref_attn, rtol=1e-10, atol=1e-12
         )
@@ -296,7 +304,7 @@ class TestObjectAwareFilter:
     def test_initialized_flag_is_read_without_the_device(self) -> None:
         flt = ObjectAwareFilter(_block(torch.float32), embed_dim=D, num_prototypes=4)
         with forbid_host_sync():
-            assert not flt.is_initialized
+            assert flt.is_initialized is False
         flt.set_prototypes(torch.randn(4, D * 9))
         with forbid_host_sync():
             assert flt.is_initialized
@@ -313,12 +321,63 @@ class TestObjectAwareFilter:
         parent.load_state_dict({f"filter.{k}": v for k, v in state.items()})
         assert not fresh.is_initialized
 
+    def test_defaults_are_the_papers(self) -> None:
+        block = _block(torch.float32)
+        flt = ObjectAwareFilter(block, embed_dim=D)
+        # 64 prototypes of 3 x 3, not trained by the main losses.
+        assert (flt.num_prototypes, flt.prototype_size, flt.embed_dim) == (64, 3, D)
+        assert flt.train_prototypes is False
+        assert flt.prototypes.shape == (64, D, 3, 3)
+        cls_out, dense = flt(torch.randn(2, D), torch.randn(2, D, 3, 3))
+        (cls_out.sum() + dense.square().sum()).backward()
+        assert flt.prototypes.grad is None
+        assert flt.norm_in.weight.grad is not None
+
+    def test_smallest_sizes(self) -> None:
+        # One channel, one head, one 1 x 1 prototype: valid, if useless.
+        flt = ObjectAwareFilter(
+            Block(dim=1, num_heads=1), embed_dim=1, num_prototypes=1, prototype_size=1
+        )
+        cls_out, dense = flt(torch.randn(2, 1), torch.randn(2, 1, 2, 3))
+        assert cls_out.shape == (2, 2) and dense.shape == (2, 2, 2, 3)
+
+    def test_prototypes_start_truncated_normal(self) -> None:
+        # Default size: 64 prototypes of 32 x 3 x 3, 18,432 draws.
+        flt = ObjectAwareFilter(_block(torch.float32), embed_dim=D)
+        values = flt.prototypes.detach().double().flatten()
+        # A standard normal truncated to [-2, 2] has mean 0 and variance
+        # 1 - 2 * 2 * pdf(2) / (cdf(2) - cdf(-2)).
+        pdf = math.exp(-2.0) / math.sqrt(2.0 * math.pi)
+        mass = math.erf(2.0 / math.sqrt(2.0))
+        std = math.sqrt(1.0 - 4.0 * pdf / mass)
+        assert -2.0 <= values.min() < -1.9
+        assert 1.9 < values.max() <= 2.0
+        assert abs(values.mean().item()) < 0.03  # 4.6 standard errors
+        assert abs(values.std().item() - std) < 0.02
+
+    def test_norms_take_the_block_eps(self) -> None:
+        block = _block(norm_layer=partial(nn.LayerNorm, eps=1e-3))
+        flt = _filter(block)
+        norms = (flt.norm_in, flt.norm_out_patch, flt.norm_out_cls)
+        assert [norm.eps for norm in norms] == [1e-3] * 3
+        # Without a norm1 eps (a block without the first norm): timm ViTs' 1e-6.
+        block = _block()
+        block.norm1 = nn.Identity()
+        flt = _filter(block)
+        norms = (flt.norm_in, flt.norm_out_patch, flt.norm_out_cls)
+        assert [norm.eps for norm in norms] == [1e-6] * 3
+        _compare_with_reference(flt, block, (3, 3), seed=5)
+
     def test_invalid_arguments(self) -> None:
         block = _block(torch.float32)
-        with pytest.raises(ValueError, match="prototype_size"):
-            ObjectAwareFilter(block, embed_dim=D, prototype_size=2)
-        with pytest.raises(ValueError, match="num_prototypes"):
-            ObjectAwareFilter(block, embed_dim=D, num_prototypes=0)
+        for size in (2, 0, -1):
+            with pytest.raises(ValueError, match="prototype_size"):
+                ObjectAwareFilter(block, embed_dim=D, prototype_size=size)
+        for number in (0, -1):
+            with pytest.raises(ValueError, match="num_prototypes"):
+                ObjectAwareFilter(block, embed_dim=D, num_prototypes=number)
+        with pytest.raises(ValueError, match="embed_dim must be positive"):
+            ObjectAwareFilter(block, embed_dim=0)
         with pytest.raises(ValueError, match="qkv"):
             ObjectAwareFilter(block, embed_dim=D + 1)
         with pytest.raises(ValueError, match="timm VisionTransformer Block"):
@@ -330,5 +389,39 @@ class TestObjectAwareFilter:
             flt(torch.randn(2, D), torch.randn(2, D + 1, 3, 3))
         with pytest.raises(ValueError, match="patches must have shape"):
             flt(torch.randn(2, D), torch.randn(2, 9, D))
-        with pytest.raises(ValueError, match="cls must have shape"):
-            flt(torch.randn(3, D), torch.randn(2, D, 3, 3))
+        with pytest.raises(ValueError, match="patches must have shape"):
+            flt(torch.randn(2, D), torch.randn(2, D, 9))
+        with pytest.raises(ValueError, match="patches must have shape"):
+            flt.patch_attention(torch.randn(2, D, 9))
+        for cls in (torch.randn(3, D), torch.randn(2, D + 1), torch.randn(2, D, 1)):
+            with pytest.raises(ValueError, match=r"cls must have shape \(2, 32\)"):
+                flt(cls, torch.randn(2, D, 3, 3))
+
+    def test_block_without_gate_attribute(self) -> None:
+        # timm's Attention before gated attention existed has no ``gate`` at all.
+        block = _block()
+        del block.attn.gate
+        assert not hasattr(block.attn, "gate")
+        _compare_with_reference(_filter(block), block, (3, 2), seed=6)
+
+    def test_rejects_blocks_it_cannot_reuse(self) -> None:
+        block = _block(torch.float32)
+        del block.ls1
+        with pytest.raises(ValueError, match=r"Block lacks \['ls1'\]"):
+            ObjectAwareFilter(block, embed_dim=D)
+        block = _block(torch.float32)
+        del block.attn.k_norm
+        with pytest.raises(ValueError, match=r"Block lacks \['attn.k_norm'\]"):
+            ObjectAwareFilter(block, embed_dim=D)
+        block = _block(torch.float32)
+        block.attn = Attention(D, num_heads=HEADS, qkv_bias=True, gated=True)
+        with pytest.raises(ValueError, match="Gated attention"):
+            ObjectAwareFilter(block, embed_dim=D)
+        block = _block(torch.float32)
+        block.attn.qkv = nn.Sequential(nn.Linear(D, 3 * D))
+        with pytest.raises(ValueError, match="qkv must be nn.Linear"):
+            ObjectAwareFilter(block, embed_dim=D)
+        block = _block(torch.float32)
+        block.attn.qkv = nn.Linear(D, 2 * D)
+        with pytest.raises(ValueError, match="has 64 outputs, expected"):
+            ObjectAwareFilter(block, embed_dim=D)
