@@ -138,13 +138,16 @@ def crop_pair_grid_boxes(
         and local crops of :class:`CoTAPTransform` always overlap the global crops.
 
     Raises:
-        ValueError: If ``boxes`` has the wrong shape or ``i``/``j`` is out of range.
+        ValueError: If ``boxes`` has the wrong shape, ``i``/``j`` is out of range or
+            a grid size is not positive.
     """
     if boxes.dim() not in (2, 3) or boxes.shape[-1] != 4:
         raise ValueError(
             f"boxes must have shape (B, V, 4) or (V, 4) but has shape "
             f"{tuple(boxes.shape)}."
         )
+    grid_size_i = _as_grid_size(grid_size_i, "grid_size_i")
+    grid_size_j = _as_grid_size(grid_size_j, "grid_size_j")
     n_views = boxes.shape[-2]
     for name, index in (("i", i), ("j", j)):
         if not 0 <= index < n_views:

@@ -57,3 +57,9 @@ def test_errors_name_the_argument() -> None:
         crop_pair_grid_boxes(boxes, 3, 0, 4, 4)
     with pytest.raises(ValueError, match=r"^j=-1 is out of range for 3 crops"):
         crop_pair_grid_boxes(boxes, 0, -1, 4, 4)
+    with pytest.raises(
+        ValueError, match=r"^grid_size_i must be a positive int .* is \(0, 0\)"
+    ):
+        crop_pair_grid_boxes(boxes, 0, 1, 0, 4)
+    with pytest.raises(ValueError, match=r"^grid_size_j must be .* is \(2, -1\)"):
+        crop_pair_grid_boxes(boxes, 0, 1, 4, (2, -1))
